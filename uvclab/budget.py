@@ -40,7 +40,9 @@ class VitShape:
     fc2_bias: bool
     norm_params: int         # params of one block LayerNorm
     layerscale_params: int   # params of one LayerScale (0 without)
-    fixed_params: int        # params outside the blocks (stem, tokens, pos embed, final norm, head)
+    stem_params: int
+    head_params: int         # classifier head(s) and fc_norm
+    fixed_params: int        # other params outside the blocks: class/dist tokens, pos embed, final norm
 
     @property
     def tokens(self) -> int:
@@ -60,6 +62,9 @@ def vit_shape(model: torch.nn.Module) -> VitShape:
     heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None)) if isinstance(m, torch.nn.Linear)]
     head_macs = sum(h.in_features * h.out_features for h in heads)
     block_params = sum(p.numel() for b in model.blocks for p in b.parameters())
+    stem_params = sum(p.numel() for p in pe.parameters())
+    head_params = sum(p.numel() for m in heads + [getattr(model, "fc_norm", None)] if m is not None
+                      for p in m.parameters())
     return VitShape(
         num_patches=pe.num_patches, num_prefix=model.num_prefix_tokens, embed_dim=model.embed_dim,
         num_heads=attn.num_heads, head_dim=attn.head_dim, mlp_hidden=mlp.fc1.out_features, depth=len(model.blocks),
@@ -67,7 +72,8 @@ def vit_shape(model: torch.nn.Module) -> VitShape:
         proj_bias=attn.proj.bias is not None, fc1_bias=mlp.fc1.bias is not None, fc2_bias=mlp.fc2.bias is not None,
         norm_params=sum(p.numel() for p in blk.norm1.parameters()),
         layerscale_params=sum(p.numel() for p in blk.ls1.parameters()),
-        fixed_params=sum(p.numel() for p in model.parameters()) - block_params)
+        stem_params=stem_params, head_params=head_params,
+        fixed_params=sum(p.numel() for p in model.parameters()) - block_params - stem_params - head_params)
 
 
 def head_widths(b: BlockStructure, layout: Layout = "fused") -> tuple[int, int, int]:
@@ -105,9 +111,9 @@ def _block_rows(s: VitShape, h: int, a: int, v: int, m: int, runs_attn: bool, ru
 
 
 def macs_table(model_or_shape, structure: Optional[Structure] = None, layout: Layout = "fused") -> pd.DataFrame:
-    """Per-component MACs and params (block = -1 for the stem, depth for the head and the rest)."""
+    """Per-component MACs and params (block -1: stem; block `depth`: head, and tokens/pos embed/final norm)."""
     s = model_or_shape if isinstance(model_or_shape, VitShape) else vit_shape(model_or_shape)
-    rows = [(-1, "stem", s.stem_macs, 0)]
+    rows = [(-1, "stem", s.stem_macs, s.stem_params)]
     for l in range(s.depth):
         if structure is None:
             H, Dh, M = s.num_heads, s.head_dim, s.mlp_hidden
@@ -117,7 +123,7 @@ def macs_table(model_or_shape, structure: Optional[Structure] = None, layout: La
             h, a, v = head_widths(b, layout)
             comps = _block_rows(s, h, a, v, len(b.mlp), b.runs_attn, b.runs_mlp)
         rows += [(l, c, mac, par) for c, mac, par in comps]
-    rows.append((s.depth, "head", s.head_macs, s.fixed_params))  # params: stem, tokens, pos embed, norms, head
+    rows += [(s.depth, "head", s.head_macs, s.head_params), (s.depth, "other", 0, s.fixed_params)]
     return pd.DataFrame(rows, columns=["block", "component", "macs", "params"])
 
 

@@ -110,3 +110,11 @@ def load_state_dict_file(model: torch.nn.Module, path: str | Path) -> None:
                           "the same architecture arguments (depth, embed_dim, num_heads, num_classes, img_size) "
                           "as the checkpoint.")
     model.load_state_dict(sd, strict=True)
+
+
+def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a ViT expects."""
+    pe = model.patch_embed
+    in_chans = getattr(pe, "in_chans", None) or pe.proj.in_channels
+    h, w = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
+    return int(in_chans), int(h), int(w)

@@ -1,0 +1,67 @@
+"""Throughput of a dense model against its exported (physically slimmed) version on this machine.
+
+Both models run in one process on the same batch, in alternating rounds after a warm-up, so that drifts of
+the machine hit both alike. Reports images/s, the measured speedup and the MACs ratio next to it; the goal
+is speedup >= 0.9 x (dense MACs / exported MACs).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .budget import count, vit_shape
+from .models import input_shape
+
+
+@dataclass
+class BenchResult:
+    batch_size: int
+    dense_img_per_s: float
+    exported_img_per_s: float
+    speedup: float
+    dense_macs: int
+    exported_macs: int
+    macs_speedup: float        # dense MACs / exported MACs: the ideal speedup
+    efficiency: float          # speedup / macs_speedup
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"batch {self.batch_size}: dense {self.dense_img_per_s:.1f} img/s, exported "
+                f"{self.exported_img_per_s:.1f} img/s -> speedup {self.speedup:.2f}x "
+                f"(MACs ratio {self.exported_macs / self.dense_macs:.3f}, ideal {self.macs_speedup:.2f}x, "
+                f"efficiency {self.efficiency:.2f})")
+
+
+@torch.inference_mode()
+def _time_once(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    return (time.perf_counter() - start) / iters
+
+
+@torch.inference_mode()
+def compare_throughput(dense: torch.nn.Module, exported: torch.nn.Module, batch_size: int = 32,
+                       rounds: int = 5, iters: int = 2, warmup: int = 1) -> BenchResult:
+    """Median over alternating rounds of the per-batch time of each model."""
+    dense, exported = dense.eval(), exported.eval()
+    x = torch.randn(batch_size, *input_shape(dense))
+    for _ in range(warmup):
+        _time_once(dense, x, 1)
+        _time_once(exported, x, 1)
+    td, te = [], []
+    for _ in range(rounds):
+        td.append(_time_once(dense, x, iters))
+        te.append(_time_once(exported, x, iters))
+    td_med, te_med = sorted(td)[len(td) // 2], sorted(te)[len(te) // 2]
+    dm = count(vit_shape(dense))["macs"]
+    meta = exported.uvclab_export
+    from .structure import Structure
+    em = count(vit_shape(dense), Structure.from_dict(meta["structure"]), meta["layout"])["macs"]
+    speedup = td_med / te_med
+    return BenchResult(batch_size, batch_size / td_med, batch_size / te_med, speedup, dm, em, dm / em,
+                       speedup / (dm / em))
