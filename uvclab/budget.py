@@ -110,6 +110,14 @@ def _block_rows(s: VitShape, h: int, a: int, v: int, m: int, runs_attn: bool, ru
     return rows
 
 
+def block_macs(s: VitShape, b: BlockStructure, layout: Layout = "fused") -> int:
+    """Exported MACs of one block (fast path for greedy structure fitting)."""
+    if not b.keep:
+        return 0
+    h, a, v = head_widths(b, layout)
+    return sum(mac for _, mac, _ in _block_rows(s, h, a, v, len(b.mlp), b.runs_attn, b.runs_mlp))
+
+
 def macs_table(model_or_shape, structure: Optional[Structure] = None, layout: Layout = "fused") -> pd.DataFrame:
     """Per-component MACs and params (block -1: stem; block `depth`: head, and tokens/pos embed/final norm)."""
     s = model_or_shape if isinstance(model_or_shape, VitShape) else vit_shape(model_or_shape)
@@ -148,6 +156,12 @@ def check_budget(macs_ratio: float) -> float:
     return float(macs_ratio)
 
 
+def _clamp01(x: torch.Tensor) -> torch.Tensor:
+    """clamp to [0, 1] whose gradient also passes at the bounds (torch's clamp gives 0 at exactly 1, which
+    would freeze counts that start at 0)."""
+    return x - (x - x.clamp(0, 1)).detach()
+
+
 def expected_macs(s: VitShape, heads_removed: torch.Tensor, neurons_removed: torch.Tensor,
                   dims_removed: torch.Tensor, head_kept: torch.Tensor, block_gate: Optional[torch.Tensor] = None,
                   formula: Literal["exact", "reference"] = "exact", tie_qk: bool = False,
@@ -165,15 +179,15 @@ def expected_macs(s: VitShape, heads_removed: torch.Tensor, neurons_removed: tor
     v = kept_heads * Dh - (dims_removed * head_kept).sum(-1)        # (L,) total kept v width
     m = M - neurons_removed
     if formula == "reference":
-        head_keep = (kept_heads / H).clamp(0, 1)
-        rho = (v / D).clamp(0, 1)
+        head_keep = _clamp01(kept_heads / H)
+        rho = _clamp01(v / D)
         attn = 3 * N * D * D * head_keep + N * N * D * head_keep + (N * N * D + N * D * D) * rho
     elif formula == "exact":
         qk = v if tie_qk else kept_heads * Dh
         attn = N * D * (2 * qk + v) + N * N * qk + N * N * v + N * D * v
     else:
         raise UvclabError(f"Unknown MACs formula '{formula}'; choose 'exact' or 'reference'.")
-    mlp = 2 * N * D * (m / M).clamp(0, 1) * M
+    mlp = 2 * N * D * m
     if attn_gate is not None:
         attn = attn * attn_gate
     if mlp_gate is not None:

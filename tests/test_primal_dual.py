@@ -1,0 +1,107 @@
+import dataclasses
+
+import pytest
+import torch
+
+from uvclab.gated_vit import gate_vit
+from uvclab.primal_dual import (UVCPrimalDual, UVCSettings, least_sum, projected_sgd, selected_mask, ste_ceil)
+
+from conftest import small_vit
+
+
+def test_ste_ceil_forward_ceil_backward_identity():
+    x = torch.tensor([0.2, 1.0, 2.7], requires_grad=True)
+    y = ste_ceil(x)
+    assert y.tolist() == [1.0, 1.0, 3.0]
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert x.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_least_sum_value_and_next_smallest_gradient():
+    scores = torch.tensor([[5.0, 1.0, 3.0, 2.0], [4.0, 4.0, 1.0, 0.5]])
+    k = torch.tensor([2.0, 0.0], requires_grad=True)
+    v = least_sum(scores, k)
+    assert v.tolist() == [3.0, 0.0]                   # 1+2 ; nothing
+    v.sum().backward()
+    assert k.grad.tolist() == [3.0, 0.5]              # the 3rd smallest ; the smallest
+
+
+def test_selected_mask_picks_smallest():
+    scores = torch.tensor([[5.0, 1.0, 3.0, 2.0]])
+    assert selected_mask(scores, torch.tensor([2.0])).tolist() == [[0, 1, 0, 1]]
+    assert selected_mask(scores, torch.tensor([1.0]), largest=True).tolist() == [[1, 0, 1, 1]]
+
+
+def test_projected_sgd_respects_box_and_clips():
+    x = torch.tensor([0.0, 5.0, 2.0])
+    up = torch.tensor(5.0)
+    new = projected_sgd(x, torch.tensor([1.0, -1.0, -10.0]), up, lr=0.5)
+    # at 0 a positive grad is blocked, at the top a negative one; inf-norm clip scales -10 to -1
+    assert new.tolist() == [0.0, 5.0, 2.5]
+
+
+def _uvc(**kw):
+    m = gate_vit(small_vit(depth=4))
+    return m, UVCPrimalDual(m, UVCSettings(**kw))
+
+
+def test_proximal_step_shrinks_only_selected_groups():
+    m, uvc = _uvc()
+    uvc.s[:, 1] = 10  # 10 smallest neurons of every block selected
+    uvc.y[:, 1] = 100.0
+    _, _, neurons = uvc.scores()
+    before = [b.mlp.fc2.weight.clone() for b in m.blocks]
+    uvc.proximal_step(lr=1e-2)
+    for l, b in enumerate(m.blocks):
+        sel = selected_mask(neurons[l:l + 1], torch.tensor([10.0]))[0].bool()
+        ratio = b.mlp.fc2.weight / before[l]
+        torch.testing.assert_close(ratio[:, sel], torch.full_like(ratio[:, sel], 1 / (1 + 2 * 1e-2 * 100)))
+        torch.testing.assert_close(ratio[:, ~sel], torch.ones_like(ratio[:, ~sel]))
+        assert torch.equal(b.attn.proj.weight, m.blocks[l].attn.proj.weight)
+
+
+def test_z_rises_while_over_budget_and_falls_back():
+    m, uvc = _uvc(macs_ratio=0.5, prune=False, block_skip=False)
+    z = [float(uvc.z)]
+    for _ in range(3):
+        uvc.step(lr=1e-4, epoch=0, warmup=False)  # nothing can move: R = 1 > 0.5
+        z.append(float(uvc.z))
+    assert z[1] > z[0] and z[2] > z[1] and z[3] == pytest.approx(z[0] + 3 * 0.5)
+    uvc.cfg = dataclasses.replace(uvc.cfg, macs_ratio=1.0)
+    uvc.s[:, 1] = 500  # now under budget: R < 1
+    for _ in range(10):
+        uvc.step(lr=1e-4, epoch=0, warmup=False)
+    assert float(uvc.z) < z[3] and float(uvc.z) >= 0
+
+
+def test_counts_and_gates_move_toward_budget():
+    torch.manual_seed(0)
+    m, uvc = _uvc(macs_ratio=0.5, gating_interval=5, ylr=1e-5)
+    ratios = []
+    for _ in range(150):
+        uvc.set_model_gates(uvc.gate_sample())
+        m(torch.randn(2, 3, 32, 32)).sum().backward()  # a task gradient reaches alpha through the gates
+        ratios.append(uvc.step(lr=1e-4, epoch=0, warmup=False)["macs_ratio"])
+    assert ratios[0] > 0.85 and min(ratios) < 0.7  # starts at P(keep) = softmax([-1, 1])[1] = 0.88
+    assert (uvc.s > 0).any() and (uvc.r > 0).any()
+    assert (uvc.y >= 0).all() and (uvc.p >= 0).all() and uvc.z >= 0
+
+
+def test_warmup_moves_nothing_but_weights_prox():
+    m, uvc = _uvc()
+    rec = uvc.step(lr=1e-4, epoch=0, warmup=True)
+    assert rec["warmup"] and float(uvc.z) == pytest.approx(1e-3) and (uvc.s == 0).all()
+    assert uvc.gate_sample(warmup=True) is None  # our default: warm-up does not perturb the model
+    _, uvc_ref = _uvc(warmup_gate=0.5)
+    assert uvc_ref.gate_sample(warmup=True).tolist() == [0.5] * 4
+
+
+def test_state_dict_round_trip():
+    m, uvc = _uvc(gating_interval=3)
+    for _ in range(4):
+        uvc.step(lr=1e-4, epoch=0, warmup=False)
+    m2, uvc2 = _uvc(gating_interval=3)
+    uvc2.load_state_dict(uvc.state_dict())
+    for k in ("s", "r", "y", "p", "z"):
+        assert torch.equal(getattr(uvc, k), getattr(uvc2, k))
+    assert torch.equal(uvc.alpha, uvc2.alpha) and uvc2.global_step == 4

@@ -1,0 +1,27 @@
+"""Where data, reference teachers and runs live: resolved here and nowhere else.
+
+UVCLAB_DATA overrides the data folder (default: the repository's `data/`), UVCLAB_RUNS the runs folder
+(default: `runs/` in the current directory).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("UVCLAB_DATA", REPO_ROOT / "data"))
+
+
+def teachers_dir() -> Path:
+    return REPO_ROOT / "data" / "teachers"
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("UVCLAB_RUNS", "runs"))
+
+
+def default_teacher(dataset: str) -> Path:
+    return teachers_dir() / f"{dataset}_vit.json"

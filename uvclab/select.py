@@ -1,0 +1,140 @@
+"""End of UVC's stage 1: turn counts, scores and gates into a Structure that provably fits the budget.
+
+The reference code leaves this to a hand-picked checkpoint (method doc 3.5). Here it is automatic:
+`structure_from_counts` reads the ceil(s), ceil(r) smallest groups and the argmax skip decisions, then
+`fit_to_budget` counts the *exported* layout and greedily trims (least important groups per MAC saved)
+until the structure is within the budget, and refills (most important per MAC) until it lands in
+[B - slack, B].
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .budget import Layout, VitShape, block_macs
+from .errors import UvclabError
+from .structure import BlockStructure, Structure
+
+
+def _keep_largest(scores: torch.Tensor, n_keep: int) -> list[int]:
+    return sorted(scores.topk(max(n_keep, 0)).indices.tolist())
+
+
+def structure_from_counts(shape: VitShape, dim_scores: torch.Tensor, head_scores: torch.Tensor,
+                          neuron_scores: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
+                          keep: torch.Tensor, tie_qk: bool = False) -> Structure:
+    """Kept = everything but the ceil(count) lowest-scoring groups; keep (L,) bool = block runs."""
+    H, Dh, M = shape.num_heads, shape.head_dim, shape.mlp_hidden
+    blocks = []
+    for l in range(shape.depth):
+        heads = _keep_largest(head_scores[l], H - int(math.ceil(s[l, 0].item())))
+        v_dims = [_keep_largest(dim_scores[l, h], Dh - int(math.ceil(r[l, h].item()))) for h in heads]
+        qk_dims = [d[:] for d in v_dims] if tie_qk else [list(range(Dh)) for _ in heads]
+        mlp = _keep_largest(neuron_scores[l], M - int(math.ceil(s[l, 1].item())))
+        blocks.append(BlockStructure(heads, qk_dims, v_dims, mlp, keep=bool(keep[l])))
+    return Structure(shape.embed_dim, H, Dh, M, blocks)
+
+
+class _Fitter:
+    """Greedy trim/refill on whole heads and chunks of MLP neurons, ranked by layer-normalised score per MAC."""
+
+    def __init__(self, shape, structure, head_scores, neuron_scores, layout, dim_scores, tie_qk):
+        self.shape, self.st, self.layout = shape, structure, layout
+        self.hs = head_scores / head_scores.mean(-1, keepdim=True).clamp_min(1e-12)
+        self.ns = neuron_scores / neuron_scores.mean(-1, keepdim=True).clamp_min(1e-12)
+        self.ds, self.tie_qk = dim_scores, tie_qk
+        self.chunk = max(1, shape.mlp_hidden // 64)
+        self.fixed = shape.stem_macs + shape.head_macs
+
+    def total(self) -> int:
+        return self.fixed + sum(block_macs(self.shape, b, self.layout) for b in self.st.blocks)
+
+    def _with(self, l: int, heads=None, mlp=None) -> BlockStructure:
+        b = self.st.blocks[l]
+        nb = BlockStructure(b.heads[:], [d[:] for d in b.qk_dims], [d[:] for d in b.v_dims], b.mlp[:], b.keep,
+                            b.attn, b.mlp_branch)
+        if heads is not None:
+            old = dict(zip(b.heads, zip(b.qk_dims, b.v_dims)))
+            Dh = self.shape.head_dim
+            full = list(range(Dh))
+            nb.heads = heads
+            nb.qk_dims = [old[h][0] if h in old else (full if not self.tie_qk else self._top_dims(l)) for h in heads]
+            nb.v_dims = [old[h][1] if h in old else self._top_dims(l) for h in heads]
+        if mlp is not None:
+            nb.mlp = mlp
+        return nb
+
+    def _top_dims(self, l: int) -> list[int]:
+        # a head brought back keeps as many dims as the layer's widest kept head (all, if none is kept)
+        b = self.st.blocks[l]
+        width = max(map(len, b.v_dims)) if b.heads else self.shape.head_dim
+        return list(range(width))
+
+
+def fit_to_budget(shape: VitShape, structure: Structure, head_scores: torch.Tensor, neuron_scores: torch.Tensor,
+                  dense_macs: int, macs_ratio: float, slack: float = 0.02, layout: Layout = "fused",
+                  dim_scores: torch.Tensor | None = None, keep_prob: torch.Tensor | None = None,
+                  tie_qk: bool = False) -> Structure:
+    """Trim until exported MACs <= B * dense, then refill while staying <= B (target: >= (B - slack) * dense)."""
+    f = _Fitter(shape, structure, head_scores, neuron_scores, layout, dim_scores, tie_qk)
+    budget = macs_ratio * dense_macs
+    # trim: cheapest importance per MAC saved first; drop whole blocks if in-block trimming is exhausted
+    while f.total() > budget:
+        moves = _scored(f, shrink=True)
+        if not moves:
+            kept = [l for l, b in enumerate(f.st.blocks) if b.keep]
+            if not kept:
+                raise UvclabError(f"No structure fits macs_ratio={macs_ratio}: the stem and head alone cost "
+                                  f"{f.fixed / dense_macs:.3f} of the dense MACs. Use a larger budget.")
+            order = kept if keep_prob is None else sorted(kept, key=lambda l: keep_prob[l].item())
+            f.st.blocks[order[0]].keep = False
+            continue
+        _, l, nb, _ = min(moves, key=lambda m: m[0])
+        f.st.blocks[l] = nb
+    # refill: most importance per MAC first, only moves that keep us within budget
+    while f.total() < (macs_ratio - slack / 4) * dense_macs:
+        room = budget - f.total()
+        moves = [m for m in _scored(f, shrink=False) if m[3] <= room]
+        if not moves:
+            break
+        _, l, nb, _ = max(moves, key=lambda m: m[0])
+        f.st.blocks[l] = nb
+    if f.total() < (macs_ratio - slack) * dense_macs:
+        warnings.warn(f"The selected structure uses {f.total() / dense_macs:.3f} of the dense MACs, below the "
+                      f"target band [{macs_ratio - slack:.3f}, {macs_ratio:.3f}] (skipped blocks cannot be refilled).")
+    return f.st
+
+
+def _scored(f: _Fitter, shrink: bool):
+    """Moves as (importance per MAC, layer, new block, MACs added) -- MACs added < 0 when shrinking."""
+    out = []
+    for imp, l, nb in _raw_moves(f, shrink):
+        delta = block_macs(f.shape, nb, f.layout) - block_macs(f.shape, f.st.blocks[l], f.layout)
+        if delta != 0:
+            out.append((imp / abs(delta), l, nb, delta))
+    return out
+
+
+def _raw_moves(f: _Fitter, shrink: bool):
+    for l, b in enumerate(f.st.blocks):
+        if not b.keep:
+            continue
+        if shrink:
+            if len(b.heads) > 1:
+                h = min(b.heads, key=lambda i: f.hs[l, i].item())
+                yield f.hs[l, h].item(), l, f._with(l, heads=[i for i in b.heads if i != h])
+            if len(b.mlp) > f.chunk:
+                drop = set(sorted(b.mlp, key=lambda i: f.ns[l, i].item())[:f.chunk])
+                yield sum(f.ns[l, i].item() for i in drop), l, f._with(l, mlp=[i for i in b.mlp if i not in drop])
+        else:
+            back_h = [i for i in range(f.shape.num_heads) if i not in set(b.heads)]
+            if back_h:
+                h = max(back_h, key=lambda i: f.hs[l, i].item())
+                yield f.hs[l, h].item(), l, f._with(l, heads=sorted(b.heads + [h]))
+            kept_n = set(b.mlp)
+            back_n = sorted((i for i in range(f.shape.mlp_hidden) if i not in kept_n),
+                            key=lambda i: -f.ns[l, i].item())[:f.chunk]
+            if back_n:
+                yield sum(f.ns[l, i].item() for i in back_n), l, f._with(l, mlp=sorted(b.mlp + back_n))
