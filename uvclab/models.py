@@ -27,10 +27,7 @@ def _known_names() -> list[str]:
 def create_vit(name: str, pretrained: bool = False, checkpoint: Optional[str | Path] = None,
                **kwargs) -> VisionTransformer:
     """Build a timm VisionTransformer by name; kwargs shrink or adapt it (img_size, depth, num_classes...)."""
-    try:
-        from . import t2t_vit  # noqa: F401  (registers the T2T-ViT family with timm)
-    except ImportError:
-        pass
+    from . import t2t_vit  # noqa: F401  (registers the T2T-ViT family with timm)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, _known_names(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -92,6 +89,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_state_dict_file(model: torch.nn.Module, path: str | Path) -> None:
     """Load a local weights file strictly; a mismatch names the keys and the likely fix."""
+    from .t2t_vit import T2TViT, load_official_t2t_checkpoint
+    if isinstance(model, T2TViT):  # official T2T-ViT release files (tokens_to_token.*, EMA) or uvclab layout
+        load_official_t2t_checkpoint(model, path)
+        return
     sd = read_state_dict(path)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

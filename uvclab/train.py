@@ -258,6 +258,19 @@ def select_structure(cfg: CompressConfig, uvc: UVCPrimalDual) -> Structure:
     return st
 
 
+def ranks_agree(uvc: UVCPrimalDual, structure: Structure) -> bool:
+    """True when every rank holds bit-identical counts, duals, gates and structure (checked, not assumed)."""
+    if world() == 1:
+        return True
+    import hashlib
+    h = hashlib.sha256(json.dumps(structure.to_dict()).encode())
+    for t in (uvc.s, uvc.r, uvc.y, uvc.p, uvc.z, uvc.alpha.detach()):
+        h.update(t.detach().cpu().numpy().tobytes())
+    digests = [None] * world()
+    dist.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1
+
+
 # ---- stage 2 -----------------------------------------------------------------------------------------
 
 def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: MetricsLog, ckpt: Optional[dict]):
@@ -342,9 +355,13 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
     teacher_top1 = accuracy(teacher, splits.test, device)
     dense = count(model)
 
+    agree = None  # checked right after the search (not re-checked when resuming in stage 2)
     if ckpt is None or ckpt["stage"] == "search":
         uvc = search(cfg, model, teacher, splits, out, log, ckpt)
         structure = select_structure(cfg, uvc)
+        agree = ranks_agree(uvc, structure)
+        if not agree:
+            raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
         if rank() == 0:
             structure.save(out / "structure.json")
             atomic_write_text(out / "uvc_state.json", json.dumps(
@@ -365,7 +382,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
               "macs_ratio": slim_count["macs"] / dense["macs"], "params": slim_count["params"],
               "dense_params": dense["params"], "params_ratio": slim_count["params"] / dense["params"],
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
-              "layout": cfg.layout, "seconds": time.time() - t0, "world_size": world()}
+              "layout": cfg.layout, "seconds": time.time() - t0, "world_size": world(), "ranks_agree": agree}
     if rank() == 0:
         save_pruned(slim.cpu(), out / "model", extra={"top1": top1, "teacher_top1": teacher_top1})
         atomic_write_text(out / "report.json", json.dumps(report, indent=1))

@@ -1,0 +1,149 @@
+"""End-to-end `uvclab compress` on the embedded digits data: outputs, budget, resume, NaN stop, DDP."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import uvclab
+from uvclab import train
+from uvclab.cli import main
+from uvclab.config import load_config
+from uvclab.errors import UvclabError
+from uvclab.structure import Structure
+
+QUICK = ["warmup_epochs=1", "search_epochs=2", "finetune_epochs=2", "max_steps_per_epoch=6", "progress=false",
+         "uvc.gating_interval=5"]
+
+
+def quick_cfg(*extra):
+    return load_config(overrides=QUICK + list(extra))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "digits"
+    code = main(["compress", "--out", str(out)] + sum((["--set", s] for s in QUICK), []))
+    assert code == 0
+    return out
+
+
+def test_compress_writes_the_run_folder(quick_run):
+    for name in ("config.yaml", "metrics.jsonl", "structure.json", "report.json", "model/model.safetensors",
+                 "model/uvclab.json"):
+        assert (quick_run / name).is_file(), name
+    report = json.loads((quick_run / "report.json").read_text())
+    for key in ("teacher_top1", "top1", "macs_ratio", "params_ratio"):
+        assert isinstance(report[key], float)
+    assert 0.48 <= report["macs_ratio"] <= 0.5  # within [B - 0.02, B]
+    assert report["params_ratio"] < 1
+
+
+def test_exported_model_loads_and_reproduces_the_report(quick_run):
+    from uvclab.data import load_dataset
+    report = json.loads((quick_run / "report.json").read_text())
+    model = uvclab.load_pruned(quick_run / "model")
+    splits = load_dataset("digits")
+    assert train.accuracy(model, splits.test, "cpu") == pytest.approx(report["top1"])
+    st = Structure.load(quick_run / "structure.json")
+    base = uvclab.create_vit(report["model"]["name"], **report["model"]["kwargs"])
+    assert uvclab.count(base, st)["macs"] == report["macs"]
+
+
+def test_metrics_log_traces_the_search(quick_run):
+    recs = [json.loads(l) for l in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    search = [r for r in recs if r["stage"] == "search"]
+    assert search[0]["warmup"] and not search[-1]["warmup"]
+    assert all(r["z"] >= 0 for r in search)
+    for key in ("heads_removed", "neurons_removed", "dims_removed", "keep_prob", "macs_ratio", "loss"):
+        assert key in search[-1]
+    assert any(r["stage"] == "finetune_epoch" for r in recs)
+
+
+def test_resume_gives_the_same_result(tmp_path, monkeypatch):
+    cfg = quick_cfg()
+    ref = train.compress(cfg, tmp_path / "ref")
+    calls = {"n": 0}
+    real = train.save_checkpoint
+
+    def crash_after_two(path, state):
+        real(path, state)
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed right after the 2nd checkpoint (mid-search)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.compress(cfg, tmp_path / "run")
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    with pytest.raises(UvclabError, match="--resume"):
+        train.compress(cfg, tmp_path / "run")
+    resumed = train.compress(cfg, tmp_path / "run", resume=True)
+    assert resumed["top1"] == ref["top1"] and resumed["macs"] == ref["macs"]
+    assert (tmp_path / "run/structure.json").read_text() == (tmp_path / "ref/structure.json").read_text()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(uvclab.load_pruned(tmp_path / "run/model")(x), uvclab.load_pruned(tmp_path / "ref/model")(x))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = quick_cfg()
+    real = train.distillation_loss
+    calls = {"n": 0}
+
+    def nan_later(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > 15 else loss
+
+    monkeypatch.setattr(train, "distillation_loss", nan_later)
+    with pytest.raises(UvclabError, match="Non-finite loss"):
+        train.compress(cfg, tmp_path / "run")
+    ckpt = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["stage"] == "search" and ckpt["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("macs_ratio=1.5", r"outside \(0, 1\]"), ("dataset=mnist", "Unknown dataset"), ("kd=fancy", "kd="),
+    ("teacher=missing.json", "not found"), ("nonsense=1", "Unknown config key"),
+])
+def test_bad_input_is_a_clear_cli_error(capsys, tmp_path, override, msg):
+    code = main(["compress", "--out", str(tmp_path / "x"), "--set", override] + sum((["--set", s] for s in QUICK), []))
+    err = capsys.readouterr().err
+    assert code == 2 and __import__("re").search(msg, err) and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "uvclab", "compress", "--out", str(tmp_path / "ddp"), "--set", "batch_size=32"] + \
+        sum((["--set", s] for s in QUICK), [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["ranks_agree"] is True
+    assert 0.48 <= report["macs_ratio"] <= 0.5
+
+
+def test_local_checkpoint_start_and_t2t_backbone(tmp_path):
+    """A student/teacher from a local weights file (the offline twin of pretrained=True), on T2T-ViT."""
+    from safetensors.torch import save_file
+    kw = dict(img_size=32, in_chans=1, num_classes=10, depth=3, embed_dim=64, num_heads=2)
+    torch.manual_seed(0)
+    src = uvclab.create_vit("t2t_vit_7", **kw)
+    save_file(src.state_dict(), str(tmp_path / "start.safetensors"))
+    cfg = quick_cfg("model=t2t_vit_7", f"model_kwargs={json.dumps(kw)}", "teacher=null",
+                    f"checkpoint={tmp_path / 'start.safetensors'}", "finetune_epochs=0")
+    report = train.compress(cfg, tmp_path / "t2t")
+    assert report["model"]["name"] == "t2t_vit_7" and report["macs_ratio"] <= 0.5
+    from uvclab.data import load_dataset
+    splits = load_dataset("digits", img_size=32)
+    # the teacher is the starting checkpoint itself
+    src.eval()
+    assert report["teacher_top1"] == pytest.approx(train.accuracy(src, splits.test, "cpu"))
+    slim = uvclab.load_pruned(tmp_path / "t2t" / "model")
+    assert train.accuracy(slim, splits.test, "cpu") == pytest.approx(report["top1"])
