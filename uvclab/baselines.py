@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .budget import Layout, check_budget, count, vit_shape
+from .budget import Layout, check_budget, count, structure_macs, vit_shape
 from .errors import UvclabError
 from .structure import BlockStructure, Structure
 
@@ -24,19 +24,18 @@ def uniform_structure(model: torch.nn.Module, macs_ratio: float, layout: Layout 
     dense = count(s)["macs"]
     H, Dh, M = s.num_heads, s.head_dim, s.mlp_hidden
     full = list(range(Dh))
+    # (L, H) head scores from attn.proj column groups, (L, M) neuron scores from fc2 columns
+    head_scores = [blk.attn.proj.weight.detach().float().pow(2).sum(0).view(H, Dh).sum(-1) for blk in model.blocks]
+    neuron_scores = [blk.mlp.fc2.weight.detach().float().pow(2).sum(0) for blk in model.blocks]
     best = None
     for f in torch.linspace(1.0, 0.0, 401).tolist():
         h, m = max(1, round(H * f)), max(1, round(M * f))
         blocks = []
-        for blk in model.blocks:
-            proj = blk.attn.proj.weight.detach().float()        # (D, H*Dh): column groups per head
-            head_score = proj.pow(2).sum(0).view(H, Dh).sum(-1)
-            neuron_score = blk.mlp.fc2.weight.detach().float().pow(2).sum(0)  # (M,)
-            heads = _ranked(head_score, h)
-            blocks.append(BlockStructure(heads, [full[:] for _ in heads], [full[:] for _ in heads],
-                                         _ranked(neuron_score, m)))
+        for hs, ns in zip(head_scores, neuron_scores):
+            heads = _ranked(hs, h)
+            blocks.append(BlockStructure(heads, [full[:] for _ in heads], [full[:] for _ in heads], _ranked(ns, m)))
         st = Structure(s.embed_dim, H, Dh, M, blocks)
-        if count(s, st, layout)["macs"] <= macs_ratio * dense:
+        if structure_macs(s, st, layout) <= macs_ratio * dense:
             best = st
             break
     if best is None:
@@ -52,9 +51,9 @@ def depth_structure(model: torch.nn.Module, macs_ratio: float) -> Structure:
     dense = count(s)["macs"]
     st = Structure.dense(model)
     for l in reversed(range(s.depth)):
-        if count(s, st)["macs"] <= macs_ratio * dense:
+        if structure_macs(s, st) <= macs_ratio * dense:
             break
         st.blocks[l].keep = False
-    if count(s, st)["macs"] > macs_ratio * dense:
+    if structure_macs(s, st) > macs_ratio * dense:
         raise UvclabError(f"Even with every block dropped the model exceeds macs_ratio={macs_ratio}.")
     return st

@@ -1,0 +1,206 @@
+"""Figures and the explorer widget on fake run folders (same file formats as `uvclab compress` writes)."""
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from conftest import random_structure, small_vit  # noqa: E402
+from uvclab import UvclabError, viz  # noqa: E402
+from uvclab.baselines import uniform_structure  # noqa: E402
+from uvclab.budget import count  # noqa: E402
+from uvclab.structure import Structure  # noqa: E402
+from uvclab.widgets import explorer, render_run  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tests do tiny tensor ops; one intra-op thread avoids spin contention on a busy 2-core CPU
+    (uniform_structure goes from ~10 s to ~0.5 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def fake_metrics(structure: Structure, budget: float, steps: int = 40, warmup: int = 8, steps_per_epoch: int = 8):
+    """Search records that shrink from dense towards `budget`, then epoch and fine-tune records."""
+    L, H, Dh, M = structure.depth, structure.num_heads, structure.head_dim, structure.mlp_hidden
+    recs = []
+    for step in range(steps):
+        t = max(0.0, (step - warmup) / (steps - warmup))          # 0 during warm-up, then -> 1
+        recs.append(dict(stage="search", step=step, epoch=step // steps_per_epoch, warmup=step < warmup,
+                         macs_ratio=1 - (1 - budget) * t ** 0.5, budget=budget, z=0.5 * t * math.exp(-2 * t),
+                         heads_removed=[math.ceil(t * l / L * H / 2) for l in range(L)],
+                         neurons_removed=[math.ceil(t * (l + 1) / L * M / 2) for l in range(L)],
+                         dims_removed=[[math.ceil(t * h / H * Dh / 2) for h in range(H)] for _ in range(L)],
+                         keep_prob=[1 - 0.8 * t * (l == 1) for l in range(L)],
+                         y_heads=[0.0] * L, y_neurons=[0.0] * L, p_mean=[0.0] * L, loss=2 - t, lr=1e-3))
+        if step % steps_per_epoch == steps_per_epoch - 1:
+            recs.append(dict(stage="search_epoch", epoch=step // steps_per_epoch, val_top1_hard=50 + 30 * t,
+                             macs_ratio=recs[-1]["macs_ratio"], z=recs[-1]["z"],
+                             structure_macs_ratio=recs[-1]["macs_ratio"] - 0.02))
+    recs.append(dict(stage="finetune_epoch", epoch=-1, val_top1=70.0))
+    for e in range(3):
+        recs.append(dict(stage="finetune_epoch", epoch=e, loss=1.0 / (e + 1), val_top1=75.0 + e,
+                         best_val_top1=75.0 + e))
+    return recs
+
+
+def write_run(folder, model, structure: Structure, budget: float, dataset="digits", top1=80.0, teacher=90.0):
+    """A run folder as `uvclab compress` leaves it: config.yaml, structure.json, report.json, metrics.jsonl."""
+    folder.mkdir(parents=True)
+    dense, mine = count(model), count(model, structure)
+    (folder / "config.yaml").write_text(f"dataset: {dataset}\nmacs_ratio: {budget}\n")
+    structure.save(folder / "structure.json")
+    report = dict(uvclab_version="0.1.0", model=model.uvclab_config, dataset=dataset, teacher_top1=teacher,
+                  top1=top1, val_top1=top1 + 1, val_top1_after_search=top1 - 10, macs_ratio_target=budget,
+                  macs=mine["macs"], dense_macs=dense["macs"], macs_ratio=mine["macs"] / dense["macs"],
+                  params=mine["params"], dense_params=dense["params"],
+                  params_ratio=mine["params"] / dense["params"], blocks_kept=sum(b.keep for b in structure.blocks),
+                  depth=structure.depth, layout="fused", seconds=12.5)
+    (folder / "report.json").write_text(json.dumps(report))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fake_metrics(structure, budget)))
+    return report
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_vit()
+
+
+@pytest.fixture
+def runs(tmp_path, model):
+    """runs/: two budgets of one family (digits / deit_small) and one run of another dataset."""
+    root = tmp_path / "runs"
+    reports = {}
+    for name, budget, seed in [("uvc_050", 0.5, 1), ("uvc_070", 0.7, 2)]:
+        reports[name] = write_run(root / name, model, random_structure(model, seed), budget)
+    reports["fm_050"] = write_run(root / "other" / "fm_050", model, uniform_structure(model, 0.5), 0.5,
+                                  dataset="fashion_mnist")
+    return root, reports
+
+
+def assert_labelled(fig):
+    assert isinstance(fig, Figure)
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_images() + ax.lines + ax.patches]
+    assert axes
+    for ax in axes:
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), ax
+
+
+def test_read_runs_and_metrics(runs):
+    root, reports = runs
+    df = viz.read_runs(root)
+    assert sorted(df["name"]) == sorted(reports)
+    assert {"path", "model_name", "macs_ratio", "top1", "dataset"} <= set(df.columns)
+    assert viz.read_runs(root / "nothing_here").empty
+    m = viz.read_metrics(root / "uvc_050")
+    assert set(m["stage"]) == {"search", "search_epoch", "finetune_epoch"}
+    assert m.attrs["num_heads"] == 6 and viz.read_report(root / "uvc_050")["macs_ratio_target"] == 0.5
+
+
+def test_read_metrics_skips_half_written_last_line(runs):
+    run = runs[0] / "uvc_050"
+    n = len(viz.read_metrics(run))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "search", "st')
+    assert len(viz.read_metrics(run)) == n
+
+
+def test_trace_count_gate_plots(runs):
+    m = viz.read_metrics(runs[0] / "uvc_050")
+    for fig in (viz.plot_search_trace(m), viz.plot_counts(m), viz.plot_gates(m)):
+        assert_labelled(fig)
+    # kept counts: the last step's kept heads of layer L-1 equal H - removed
+    fig = viz.plot_counts(m)
+    last = m[m.stage == "search"].iloc[-1]
+    assert fig.axes[0].lines[-1].get_ydata()[-1] == 6 - last["heads_removed"][-1]
+    # without shape information the removed counts are shown, and said so
+    m.attrs.clear()
+    assert viz.plot_counts(m).axes[0].get_ylabel().startswith("removed")
+
+
+def test_masks_match_structure(model):
+    s = random_structure(model, seed=3)
+    fig = viz.plot_masks(s, sort_neurons=False)
+    assert_labelled(fig)
+    heads, v, mlp = (ax.get_images()[0].get_array() for ax in fig.axes[:3])
+    masks = s.masks()
+    np.testing.assert_array_equal(heads, np.stack([m["head"].numpy() for m in masks]))
+    np.testing.assert_array_equal(v, np.stack([m["v"].numpy().reshape(-1) for m in masks]))
+    np.testing.assert_array_equal(mlp, np.stack([m["neuron"].numpy() for m in masks]))
+    # skipped block 1 and skipped attention of block 2 are hatched in the heads panel
+    hatched = [p.get_y() + 0.5 for p in fig.axes[0].patches if p.get_hatch()]
+    assert hatched == [1, 2]
+    # sorted neurons keep the per-layer counts
+    sorted_mlp = viz.plot_masks(s).axes[2].get_images()[0].get_array()
+    np.testing.assert_array_equal(np.asarray(sorted_mlp).sum(1), [len(b.mlp) for b in s.blocks])
+
+
+def test_ratios_pareto_bars(model):
+    structs = {f"B={b}": uniform_structure(model, b) for b in (0.3, 0.5, 0.8)}
+    structs["random"] = random_structure(model, 0)
+    fig = viz.plot_ratios(structs)
+    assert fig.axes[0].get_ylabel() == "kept fraction"           # shared y axis: labelled once
+    assert all(ax.get_xlabel() == "layer" and ax.get_title() for ax in fig.axes)
+    assert len(fig.axes[0].get_legend_handles_labels()[0]) == 4 and fig.legends
+    r = viz.structure_ratios(structs["random"])
+    assert r.loc[1, "heads"] == 0 and r.loc[1, "block_skipped"]
+    df = pd.DataFrame(dict(method=["UVC"] * 3 + ["uniform"] * 3, macs_ratio=[0.3, 0.5, 0.7] * 2,
+                           top1=[70, 78, 82, 60, 72, 80]))
+    fig = viz.plot_pareto(df, teacher=85.0)
+    assert_labelled(fig)
+    assert len(fig.axes[0].lines) == 3                         # two methods + teacher line
+    fig = viz.plot_accuracy_bars(pd.DataFrame(dict(ablation=["full", "no KD", "no skip"], top1=[80, 75.5, 78])),
+                                 "ablation", teacher=85.0)
+    assert_labelled(fig)
+    assert [t.get_text() for t in fig.axes[0].texts] == ["80.00", "75.50", "78.00"]
+
+
+def test_render_run(runs):
+    root, reports = runs
+    text, fig = render_run(root / "uvc_050")
+    assert f"{reports['uvc_050']['macs_ratio']:.3f}" in text and "<table" in text
+    assert isinstance(fig, Figure)
+
+
+def test_explorer_slider_updates_summary(runs):
+    root, reports = runs
+    box = explorer(root)
+    assert box.dropdown.options == ("digits / deit_small_patch16_224", "fashion_mnist / deit_small_patch16_224")
+    assert [lb for lb, _ in box.slider.options] == ["0.50", "0.70"]
+    before = box.summary_html.value
+    assert f"{reports['uvc_050']['macs_ratio']:.3f}" in before
+    assert box.figure_out.outputs[0]["data"]["image/png"]
+    box.slider.value = box.slider.options[1][1]
+    after = box.summary_html.value
+    assert after != before and f"{reports['uvc_070']['macs_ratio']:.3f}" in after
+    box.dropdown.value = box.dropdown.options[1]
+    assert f"{reports['fm_050']['macs_ratio']:.3f}" in box.summary_html.value
+    assert plt.get_fignums() == []                             # figures are closed after display
+
+
+def test_explorer_live_uniform(tmp_path, model):
+    with pytest.raises(UvclabError, match="No finished runs"):
+        explorer(tmp_path)
+    box = explorer(tmp_path, model=model)
+    before = box.summary_html.value
+    box.slider.value = 0.3
+    after = box.summary_html.value
+    ratio = count(model, uniform_structure(model, 0.3))["macs"] / count(model)["macs"]
+    assert after != before and f"{ratio:.3f}" in after

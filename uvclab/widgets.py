@@ -1,0 +1,157 @@
+"""An ipywidgets explorer of compressed structures: pick a run family and move a budget slider.
+
+Runs written by `uvclab compress` are grouped by dataset + model name; the slider steps over the budgets
+of the family and shows the run's headline numbers, its `Structure.summary()` table and `plot_masks`.
+Without runs, pass `model=` to explore `uniform_structure(model, budget)` live. The rendering is the pure
+function `render_run` / `render_structure` (HTML string + Figure), so tests need no browser.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from .budget import count, vit_shape
+from .errors import UvclabError
+from .paths import runs_dir
+from .structure import Structure
+from .viz import plot_masks, read_report, read_runs
+
+_CARD = ('<div style="display:inline-block;margin:0 22px 6px 0">'
+         '<div style="font-size:26px;font-weight:600;line-height:1.1">{value}</div>'
+         '<div style="font-size:12px;color:#666">{label}</div></div>')
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def render_structure(structure: Structure, numbers: dict, title: str = "") -> tuple[str, Figure]:
+    """HTML (headline numbers in large type + per-block summary table) and the mask figure.
+
+    `numbers` may hold macs_ratio, macs_ratio_target, params_ratio, top1, teacher_top1 (percent), blocks_kept.
+    """
+    n = numbers
+    blocks = n.get("blocks_kept", sum(b.keep for b in structure.blocks))
+    cards = [("MACs ratio", _fmt(n.get("macs_ratio"), ".3f")),
+             ("budget", _fmt(n.get("macs_ratio_target"), ".2f")),
+             ("params ratio", _fmt(n.get("params_ratio"), ".3f")),
+             ("top-1 %", _fmt(n.get("top1"), ".2f")),
+             ("teacher top-1 %", _fmt(n.get("teacher_top1"), ".2f")),
+             ("blocks kept", f"{blocks} / {structure.depth}")]
+    summ = structure.summary().reset_index()
+    for c in ("keep", "attn", "mlp_branch"):                  # runs (check) or skipped (cross)
+        summ[c] = summ[c].map({True: "\u2713", False: "\u2717"})
+    table = summ.to_html(index=False, float_format=lambda v: f"{v:.1f}", border=0)
+    head = f'<div style="font-size:14px;margin-bottom:4px"><b>{html.escape(title)}</b></div>' if title else ""
+    out = (f'<div class="uvclab-summary">{head}<div>'
+           + "".join(_CARD.format(value=v, label=k) for k, v in cards)
+           + f'</div><div style="font-size:12px;max-height:360px;overflow:auto">{table}</div></div>')
+    return out, plot_masks(structure)
+
+
+def render_run(run_dir: str | Path) -> tuple[str, Figure]:
+    """(HTML, mask Figure) of one finished run folder (report.json + structure.json)."""
+    run_dir = Path(run_dir)
+    rep = read_report(run_dir)
+    structure = Structure.load(run_dir / "structure.json")
+    model = (rep.get("model") or {}).get("name", "?")
+    title = f"{run_dir.name}: {model} on {rep.get('dataset', '?')}"
+    return render_structure(structure, rep, title)
+
+
+def render_uniform(model, macs_ratio: float) -> tuple[str, Figure]:
+    """(HTML, mask Figure) of `uniform_structure(model, macs_ratio)`, computed now (no accuracy)."""
+    from .baselines import uniform_structure
+    st = uniform_structure(model, macs_ratio)
+    shape = vit_shape(model)
+    dense, mine = count(shape), count(shape, st)
+    numbers = dict(macs_ratio=mine["macs"] / dense["macs"], macs_ratio_target=macs_ratio,
+                   params_ratio=mine["params"] / dense["params"])
+    return render_structure(st, numbers, f"uniform structure at budget {macs_ratio:.2f} (live, untrained)")
+
+
+def _png_output(fig: Figure) -> dict:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": "<mask figure>"}}
+
+
+def _families(runs) -> dict[str, list[tuple[str, str]]]:
+    """Family label -> [(slider label, run path)] in budget order; labels made unique with the folder name."""
+    fam: dict[str, list[tuple[str, str]]] = {}
+    for (ds, name), g in runs.groupby(["dataset", "model_name"], sort=True):
+        labels = [f"{b:.2f}" for b in g["macs_ratio_target"]]
+        dup = {lb for lb in labels if labels.count(lb) > 1}
+        fam[f"{ds} / {name}"] = [(lb + (f" ({r})" if lb in dup else ""), p)
+                                 for lb, r, p in zip(labels, g["name"], g["path"])]
+    return fam
+
+
+def explorer(runs_root: str | Path | None = None, model=None) -> W.VBox:
+    """A VBox: family dropdown, budget slider, headline numbers + summary table, mask figure.
+
+    `runs_root` defaults to `paths.runs_dir()` ($UVCLAB_RUNS or ./runs). Inner widgets are attributes of the box (and in `box.widgets`): `dropdown`, `slider`, `summary_html`,
+    `figure_out`. Moving `box.slider.value` re-renders synchronously.
+    """
+    runs = read_runs(runs_root)
+    dropdown = W.Dropdown(description="runs", layout=W.Layout(width="340px"))
+    summary_html = W.HTML()
+    figure_out = W.Output()
+
+    def show(render, *args) -> None:
+        try:
+            text, fig = render(*args)
+        except (UvclabError, OSError, KeyError, ValueError) as e:
+            summary_html.value = f'<div style="color:#b00">Cannot show this: {html.escape(str(e))}</div>'
+            figure_out.outputs = ()
+            return
+        summary_html.value = text
+        try:
+            figure_out.outputs = (_png_output(fig),)
+        finally:
+            plt.close(fig)
+
+    if len(runs):
+        families = _families(runs)
+        dropdown.options = list(families)
+        dropdown.value = dropdown.options[0]
+        slider = W.SelectionSlider(options=families[dropdown.value], description="budget",
+                                   continuous_update=False, layout=W.Layout(width="420px"))
+
+        shown = [None]
+
+        def show_run(path) -> None:
+            if path != shown[0]:                          # a family change may also move the slider
+                shown[0] = path
+                show(render_run, path)
+
+        def on_family(change) -> None:
+            slider.options = families[change["new"]]      # resets the value to the family's first budget
+            show_run(slider.value)
+
+        dropdown.observe(on_family, names="value")
+        slider.observe(lambda c: show_run(c["new"]), names="value")
+        show_run(slider.value)
+    elif model is not None:
+        dropdown.options = ["uniform structure (live)"]
+        dropdown.disabled = True
+        slider = W.FloatSlider(value=0.5, min=0.1, max=1.0, step=0.05, description="budget", readout_format=".2f",
+                               continuous_update=False, layout=W.Layout(width="420px"))
+        slider.observe(lambda c: show(render_uniform, model, c["new"]), names="value")
+        show(render_uniform, model, slider.value)
+    else:
+        where = runs_root or runs_dir()
+        raise UvclabError(f"No finished runs under '{where}'. Run `uvclab compress` first, point runs_root at "
+                          "a runs folder, or pass model= to explore uniform structures live.")
+
+    box = W.VBox([W.HBox([dropdown, slider]), summary_html, figure_out])
+    box.widgets = dict(dropdown=dropdown, slider=slider, summary_html=summary_html, figure_out=figure_out)
+    box.dropdown, box.slider, box.summary_html, box.figure_out = dropdown, slider, summary_html, figure_out
+    return box
