@@ -137,9 +137,10 @@ def test_local_checkpoint_start_and_t2t_backbone(tmp_path):
     src = uvclab.create_vit("t2t_vit_7", **kw)
     save_file(src.state_dict(), str(tmp_path / "start.safetensors"))
     cfg = quick_cfg("model=t2t_vit_7", f"model_kwargs={json.dumps(kw)}", "teacher=null",
-                    f"checkpoint={tmp_path / 'start.safetensors'}", "finetune_epochs=0")
+                    f"checkpoint={tmp_path / 'start.safetensors'}", "finetune_epochs=0",
+                    "macs_ratio=0.95")  # at 32x32 the T2T stem alone is 0.89 of the MACs
     report = train.compress(cfg, tmp_path / "t2t")
-    assert report["model"]["name"] == "t2t_vit_7" and report["macs_ratio"] <= 0.5
+    assert report["model"]["name"] == "t2t_vit_7" and 0.93 <= report["macs_ratio"] <= 0.95
     from uvclab.data import load_dataset
     splits = load_dataset("digits", img_size=32)
     # the teacher is the starting checkpoint itself

@@ -56,6 +56,9 @@ class CompressConfig:
         check_budget(self.macs_ratio)
         if self.uvc.macs_ratio != self.macs_ratio:
             object.__setattr__(self, "uvc", dataclasses.replace(self.uvc, macs_ratio=self.macs_ratio))
+        from .data import DATASETS
+        if self.dataset not in DATASETS:
+            raise UvclabError(f"Unknown dataset '{self.dataset}'. Choose one of: {', '.join(DATASETS)}.")
         if self.kd not in KD_KINDS:
             raise UvclabError(f"kd='{self.kd}' is not one of {KD_KINDS}.")
         if self.layout not in LAYOUTS:
