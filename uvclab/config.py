@@ -45,7 +45,8 @@ class CompressConfig:
     kd_alpha: float = 0.5                # weight of the KD term
     kd_tau: float = 1.0
     kd_reduction: str = "batchmean"      # batchmean | numel (reference: numel, ~1000x weaker on ImageNet)
-    layout: str = "fused"                # exported attention layout: fused | compact
+    layout: str = "compact"              # exported attention layout: compact (v narrower than q/k, explicit
+                                         # matmuls) | fused (one padded width per layer, fused SDPA)
     budget_slack: float = 0.02           # the final structure lands in [B - slack, B]
     max_steps_per_epoch: Optional[int] = None  # cap for quick runs
     num_workers: int = 0

@@ -121,8 +121,8 @@ def load_digits(split_seed: int = 0, val_fraction: Optional[float] = None, img_s
                 augment: bool = True) -> Splits:
     """scikit-learn's 8x8 digits: 70 / 15 / 15 % stratified train / val / test, no augmentation.
 
-    A 1-pixel shift is 12 % of an 8x8 image: with shifts the reference teacher lost 6 points of test
-    accuracy (60 epochs), and a mirrored digit is another glyph, so `augment` has no effect here.
+    A 1-pixel shift is 12 % of an 8x8 image (60-epoch teacher runs: 92 % test with shifts at batch 64,
+    98 % without at batch 32) and a mirrored digit is another glyph, so `augment` has no effect here.
     """
     from sklearn.datasets import load_digits as sk_digits
     d = sk_digits()

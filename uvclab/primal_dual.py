@@ -36,12 +36,25 @@ class UVCSettings:
     z_grad_clip: float = 0.5            # clamp of R - B in the count gradient
     init_dual: float = 1e-3             # y, p, z start value
     glr: float = 0.1                    # gate-logit SGD lr (momentum 0.9, wd 1e-4)
-    gating_interval: int = 50           # gate step every N iterations, on the mean of the buffered grads
+    gating_interval: int = 10           # gate step every N iterations, on the mean of the buffered grads (reference 50)
     gating_weight: float = 5e-4         # weight of z * dR/dalpha in the gate gradient
     gate_grad_weighting: str = "uniform"  # 'uniform' or 'linear' (reference quirk: weights 0..interval-1)
     gumbel_tau: float = 0.5
-    resource_gates: str = "expected"    # R uses gate probabilities ('expected') or a fresh Gumbel sample ('sample')
+    resource_gates: str = "hard"        # gates inside R: 'hard' (the argmax decision the structure will use,
+                                        # gradient of the probability), 'expected' (probabilities), or
+                                        # 'sample' (a fresh soft Gumbel sample, as the reference code)
     warmup_gate: float = 1.0            # gate value during warm-up (reference: 0.5 mixes every block)
+
+    def __post_init__(self):
+        from .errors import UvclabError
+        choices = {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
+                   "zlr_schedule": ("constant", "increasing"), "gate_grad_weighting": ("uniform", "linear"),
+                   "resource_gates": ("hard", "expected", "sample")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UvclabError(f"uvc.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.gating_interval < 1 or self.gumbel_tau <= 0 or not 0 <= self.warmup_gate <= 1:
+            raise UvclabError("uvc.gating_interval must be >= 1, uvc.gumbel_tau > 0, uvc.warmup_gate in [0, 1].")
 
 
 class UVCPrimalDual:
@@ -114,6 +127,8 @@ class UVCPrimalDual:
                 g = F.gumbel_softmax(a, tau=self.cfg.gumbel_tau, hard=False)[:, 1]
             else:
                 g = F.softmax(a, dim=-1)[:, 1]
+                if self.cfg.resource_gates == "hard":  # straight-through: value 0/1, gradient of the probability
+                    g = g + ((g > 0.5).to(g.dtype) - g).detach()
         kept = selected_mask(head_scores, s_hat[:, 0].detach(), largest=True)
         macs = expected_macs(self.shape, s_hat[:, 0], s_hat[:, 1], r_hat, kept, block_gate=g,
                              formula=self.cfg.macs_formula, tie_qk=self.cfg.tie_qk)
@@ -165,7 +180,8 @@ class UVCPrimalDual:
         r = self.r.clone().requires_grad_(cfg.prune and cfg.prune_dims)
         alpha = self.alpha.detach().clone().requires_grad_(cfg.block_skip)
         R = self.macs_ratio(s, r, heads, alpha)
-        Rc = (R - cfg.macs_ratio).clamp(-cfg.z_grad_clip, cfg.z_grad_clip)
+        d = R - cfg.macs_ratio  # clamped value; gradient passes up to and including the bound (as torch 1.7 did)
+        Rc = torch.where(d.abs() <= cfg.z_grad_clip, d, d.clamp(-cfg.z_grad_clip, cfg.z_grad_clip).detach())
         obj = self.z * Rc
         if cfg.prune:
             s_hat, r_hat = ste_ceil(s), ste_ceil(r)

@@ -1,0 +1,144 @@
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from uvclab import data
+from uvclab.data import load_dataset, make_loader, read_idx, split_indices
+from uvclab.errors import UvclabError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", split_seed=0)
+
+
+def test_digits_sizes_shapes_and_classes(digits):
+    assert (len(digits.train), len(digits.val), len(digits.test)) == (1257, 270, 270)
+    assert (digits.num_classes, digits.in_chans, digits.img_size, digits.name) == (10, 1, 8, "digits")
+    x, y = digits.val[0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and isinstance(y, int)
+    assert sorted(set(digits.test.labels.tolist())) == list(range(10))
+
+
+def test_digits_splits_disjoint_and_cover_everything(digits):
+    parts = [set(s.index.tolist()) for s in (digits.train, digits.val, digits.test)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert set().union(*parts) == set(range(1797))
+
+
+def test_splits_fixed_by_seed(digits):
+    again = load_dataset("digits", split_seed=0)
+    other = load_dataset("digits", split_seed=1)
+    for name in ("train", "val", "test"):
+        assert np.array_equal(getattr(digits, name).index, getattr(again, name).index)
+    assert not np.array_equal(digits.test.index, other.test.index)
+
+
+def test_normalization_gives_zero_mean_unit_std(digits):
+    x = torch.stack([digits.val[i][0] for i in range(len(digits.val))] +
+                    [digits.test[i][0] for i in range(len(digits.test))])
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
+
+
+def test_digits_are_never_augmented(digits):
+    assert torch.equal(digits.train[0][0], digits.train[0][0])
+
+
+def test_augmentation_only_on_train_and_only_when_asked(tmp_path):
+    fake_fashion(tmp_path)
+    s = load_dataset("fashion_mnist", root=tmp_path, download=False, val_fraction=0.5)
+    torch.manual_seed(0)
+    draws = torch.stack([s.train[0][0] for _ in range(20)])
+    assert (draws != draws[0]).any()  # random crops / flips
+    assert torch.equal(s.val[0][0], s.val[0][0]) and torch.equal(s.test[3][0], s.test[3][0])
+    plain = load_dataset("fashion_mnist", root=tmp_path, download=False, val_fraction=0.5, augment=False)
+    assert torch.equal(plain.train[0][0], plain.train[0][0])
+    # augmentation is a crop of the zero-padded [0, 1] image (black borders), then normalization
+    shifted = torch.stack([s.train[1][0] for _ in range(50)]) * data.FASHION_STD[0] + data.FASHION_MEAN[0]
+    assert shifted.min() >= -1e-6 and shifted.max() <= 1 + 1e-6
+
+
+def test_img_size_resizes(digits):
+    big = load_dataset("digits", img_size=16)
+    assert big.img_size == 16 and big.train[0][0].shape == (1, 16, 16)
+
+
+def test_split_indices_stratified_and_disjoint():
+    labels = np.repeat(np.arange(4), 50)
+    kept, held = split_indices(labels, 0.2, seed=3)
+    assert len(held) == 40 and not set(kept) & set(held)
+    assert np.bincount(labels[held]).tolist() == [10, 10, 10, 10]
+    with pytest.raises(UvclabError, match="val_fraction"):
+        split_indices(labels, 1.5, seed=0)
+
+
+def test_make_loader_is_reproducible(digits):
+    def order(seed):
+        return torch.cat([y for _, y in make_loader(digits.val, 64, shuffle=True, seed=seed)])
+    assert torch.equal(order(5), order(5)) and not torch.equal(order(5), order(6))
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion(folder, n_train=60, n_test=20):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        img, lbl = data.FASHION_FILES[split]
+        write_idx(folder / img, rng.integers(0, 256, (n, 28, 28)))
+        write_idx(folder / lbl, np.arange(n) % 10)
+
+
+def test_fashion_mnist_from_idx_folder(tmp_path):
+    fake_fashion(tmp_path)
+    s = load_dataset("fashion_mnist", root=tmp_path, download=False, val_fraction=0.5)
+    assert (len(s.train), len(s.val), len(s.test)) == (30, 30, 20)
+    assert s.train[0][0].shape == (1, 28, 28) and (s.num_classes, s.in_chans) == (10, 1)
+    assert not set(s.train.index) & set(s.val.index)
+    assert read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz").tolist() == [i % 10 for i in range(20)]
+
+
+def test_truncated_idx_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (100).to_bytes(4, "big") + b"\x00" * 10)
+    with pytest.raises(UvclabError, match="truncated"):
+        read_idx(path)
+
+
+def test_missing_fashion_mnist_names_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(UvclabError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion_mnist", root=tmp_path, download=False)
+    # without root: UVCLAB_DATA and the Debian folder are searched; both empty here
+    monkeypatch.setenv("UVCLAB_DATA", str(tmp_path))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    with pytest.raises(UvclabError, match="UVCLAB_DATA") as err:
+        load_dataset("fashion_mnist", download=False)
+    assert "root=" in str(err.value) and "download" in str(err.value)
+
+
+def test_fashion_mnist_found_under_uvclab_data(tmp_path, monkeypatch):
+    (tmp_path / "fashion-mnist").mkdir()
+    fake_fashion(tmp_path / "fashion-mnist")
+    monkeypatch.setenv("UVCLAB_DATA", str(tmp_path))
+    assert len(load_dataset("fashion_mnist", download=False).test) == 20
+
+
+@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_split_sizes():
+    s = load_dataset("fashion_mnist", root=data.DEBIAN_FASHION_MNIST, download=False)
+    assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
+
+
+def test_unknown_and_unavailable_datasets(tmp_path):
+    with pytest.raises(UvclabError, match="digits, fashion_mnist, cifar10"):
+        load_dataset("mnist")
+    with pytest.raises(UvclabError, match="train/<class>"):
+        load_dataset("imagefolder", root=tmp_path)
+    with pytest.raises(UvclabError, match="download=True"):
+        load_dataset("cifar10", root=tmp_path, download=False)
