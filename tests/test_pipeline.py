@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +49,7 @@ def test_exported_model_loads_and_reproduces_the_report(quick_run):
     assert train.accuracy(model, splits.test, "cpu") == pytest.approx(report["top1"])
     st = Structure.load(quick_run / "structure.json")
     base = uvclab.create_vit(report["model"]["name"], **report["model"]["kwargs"])
-    assert uvclab.count(base, st)["macs"] == report["macs"]
+    assert uvclab.count(base, st, report["layout"])["macs"] == report["macs"]
 
 
 def test_metrics_log_traces_the_search(quick_run):

@@ -9,7 +9,6 @@ warm-up) projected SGD on s, r, SGD on alpha every `gating_interval` steps, and 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

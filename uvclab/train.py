@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -35,6 +34,7 @@ from .paths import default_teacher
 from .primal_dual import UVCPrimalDual
 from .select import fit_to_budget, structure_from_counts
 from .structure import Structure, apply_structure
+from .teacher import evaluate, param_groups, warmup_cosine
 
 
 # ---- small utilities ---------------------------------------------------------------------------------
@@ -71,15 +71,6 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def warmup_cosine(optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
-
-
 def make_epoch_loader(dataset, cfg: CompressConfig, epoch: int, shuffle: bool = True):
     """Shuffle order fixed by (seed, epoch): identical after a resume; sharded across DDP ranks."""
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -92,31 +83,22 @@ def make_epoch_loader(dataset, cfg: CompressConfig, epoch: int, shuffle: bool = 
                                        num_workers=cfg.num_workers, drop_last=shuffle)
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, dataset, device, batch_size: int = 256) -> float:
-    """Top-1 (%) on a dataset, eval mode, deterministic."""
+def accuracy(model: torch.nn.Module, dataset, device=None) -> float:
+    """Top-1 (%) on a dataset (eval mode, deterministic); the model's train/eval mode is restored."""
     was = model.training
-    model.eval()
-    correct = total = 0
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        out = model(x.to(device))
-        correct += (out.argmax(-1).cpu() == y).sum().item()
-        total += len(y)
+    acc = evaluate(model, dataset)
     model.train(was)
-    return 100.0 * correct / max(total, 1)
+    return acc
 
 
 @contextmanager
 def masked(model: torch.nn.Module, structure: Structure):
-    """Temporarily apply a structure's hard masks to a gated model."""
-    saved = [(b.block_gate,) for b in model.blocks]
+    """Temporarily apply a structure's hard masks to a gated model (all gates open afterwards)."""
     apply_structure(model, structure)
     try:
         yield model
     finally:
         open_all_gates(model)
-        for b, (g,) in zip(model.blocks, saved):
-            b.block_gate = g
 
 
 def _check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int, ckpt: Path) -> None:
@@ -189,8 +171,8 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
     epochs = cfg.warmup_epochs + cfg.search_epochs
     steps_per_epoch = _steps(splits.train, cfg)
     uvc = UVCPrimalDual(model, cfg.uvc, total_epochs=cfg.search_epochs)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, epochs * steps_per_epoch, min(500, steps_per_epoch))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch, min(500, steps_per_epoch)))
     start = 0
     if ckpt is not None and ckpt["stage"] == "search":
         model.load_state_dict(ckpt["model"])
@@ -278,8 +260,9 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
     device = torch.device(cfg.device)
     ddp_model = torch.nn.parallel.DistributedDataParallel(slim) if world() > 1 else slim
     steps_per_epoch = _steps(splits.train, cfg)
-    opt = torch.optim.AdamW(slim.parameters(), lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, max(1, cfg.finetune_epochs * steps_per_epoch), min(500, steps_per_epoch))
+    opt = torch.optim.AdamW(param_groups(slim, cfg.weight_decay), lr=cfg.finetune_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(max(1, cfg.finetune_epochs * steps_per_epoch), min(500, steps_per_epoch)))
     best_val, best_state, start = accuracy(slim, splits.val, device), copy.deepcopy(slim.state_dict()), 0
     log.write({"stage": "finetune_epoch", "epoch": -1, "val_top1": best_val})
     if ckpt is not None and ckpt["stage"] == "finetune":
