@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .budget import Layout, check_budget, count, structure_macs, vit_shape
+from .budget import DEFAULT_LAYOUT, Layout, check_budget, count, structure_macs, vit_shape
 from .errors import UvclabError
 from .structure import BlockStructure, Structure
 
@@ -17,7 +17,7 @@ def _ranked(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.topk(scores, k).indices.tolist())
 
 
-def uniform_structure(model: torch.nn.Module, macs_ratio: float, layout: Layout = "fused") -> Structure:
+def uniform_structure(model: torch.nn.Module, macs_ratio: float, layout: Layout = DEFAULT_LAYOUT) -> Structure:
     """Same kept fraction of heads and neurons in every block; the largest one within the budget."""
     check_budget(macs_ratio)
     s = vit_shape(model)

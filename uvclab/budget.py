@@ -20,6 +20,7 @@ from .structure import BlockStructure, Structure
 
 Layout = Literal["fused", "compact"]
 LAYOUTS = ("fused", "compact")
+DEFAULT_LAYOUT: Layout = "compact"  # UVC prunes v only: keep q/k and v widths apart (see head_widths)
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,13 @@ def vit_shape(model: torch.nn.Module) -> VitShape:
         fixed_params=sum(p.numel() for p in model.parameters()) - block_params - stem_params - head_params)
 
 
-def head_widths(b: BlockStructure, layout: Layout = "fused") -> tuple[int, int, int]:
+def head_widths(b: BlockStructure, layout: Layout = DEFAULT_LAYOUT) -> tuple[int, int, int]:
     """(kept heads h, q/k width a, v width b) of one exported attention layer.
 
     Heads of a layer share one width so attention runs batched: narrower heads are zero-padded.
-    'fused' pads q/k and v to one common width, which keeps PyTorch's fused SDPA kernel (measured ~3x faster
-    on CPU than the unfused path taken when v is narrower than q/k); 'compact' keeps separate q/k and v widths.
+    'compact' keeps separate q/k and v widths (attention by explicit matmuls when they differ: on this CPU as
+    fast as fused SDPA at full width, and SDPA itself is ~3x slower when v is narrower than q/k); 'fused'
+    pads q/k and v to one common width, which keeps PyTorch's fused kernel (the right choice with tie_qk).
     """
     if layout not in LAYOUTS:
         raise UvclabError(f"Unknown attention layout '{layout}'; choose one of {LAYOUTS}.")
@@ -110,7 +112,7 @@ def _block_rows(s: VitShape, h: int, a: int, v: int, m: int, runs_attn: bool, ru
     return rows
 
 
-def block_macs(s: VitShape, b: BlockStructure, layout: Layout = "fused") -> int:
+def block_macs(s: VitShape, b: BlockStructure, layout: Layout = DEFAULT_LAYOUT) -> int:
     """Exported MACs of one block (fast path for greedy structure fitting)."""
     if not b.keep:
         return 0
@@ -118,7 +120,7 @@ def block_macs(s: VitShape, b: BlockStructure, layout: Layout = "fused") -> int:
     return sum(mac for _, mac, _ in _block_rows(s, h, a, v, len(b.mlp), b.runs_attn, b.runs_mlp))
 
 
-def macs_table(model_or_shape, structure: Optional[Structure] = None, layout: Layout = "fused") -> pd.DataFrame:
+def macs_table(model_or_shape, structure: Optional[Structure] = None, layout: Layout = DEFAULT_LAYOUT) -> pd.DataFrame:
     """Per-component MACs and params (block -1: stem; block `depth`: head, and tokens/pos embed/final norm)."""
     s = model_or_shape if isinstance(model_or_shape, VitShape) else vit_shape(model_or_shape)
     rows = [(-1, "stem", s.stem_macs, s.stem_params)]
@@ -135,7 +137,7 @@ def macs_table(model_or_shape, structure: Optional[Structure] = None, layout: La
     return pd.DataFrame(rows, columns=["block", "component", "macs", "params"])
 
 
-def count(model_or_shape, structure: Optional[Structure] = None, layout: Layout = "fused") -> dict[str, int]:
+def count(model_or_shape, structure: Optional[Structure] = None, layout: Layout = DEFAULT_LAYOUT) -> dict[str, int]:
     """{'macs': int, 'params': int} of the dense model (structure None) or of the exported structure."""
     t = macs_table(model_or_shape, structure, layout)
     return {"macs": int(t.macs.sum()), "params": int(t.params.sum())}
@@ -145,7 +147,7 @@ def dense_macs(model_or_shape) -> int:
     return count(model_or_shape)["macs"]
 
 
-def structure_macs(model_or_shape, structure: Structure, layout: Layout = "fused") -> int:
+def structure_macs(model_or_shape, structure: Structure, layout: Layout = DEFAULT_LAYOUT) -> int:
     """Exported MACs of a structure (the same number as `count`, without building the table)."""
     s = model_or_shape if isinstance(model_or_shape, VitShape) else vit_shape(model_or_shape)
     return s.stem_macs + s.head_macs + sum(block_macs(s, b, layout) for b in structure.blocks)

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's)")
         q.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                        help="extra timm kwarg, e.g. depth=6 or patch_size=8 (repeatable)")
-        q.add_argument("--layout", default="fused", choices=["fused", "compact"],
+        q.add_argument("--layout", default="compact", choices=["fused", "compact"],
                        help="exported attention layout (see uvclab.budget.head_widths)")
         q.add_argument("--structure", help="Structure JSON (from `uvclab compress`)")
         q.add_argument("--json", action="store_true", help="print one JSON object")

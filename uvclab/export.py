@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .budget import Layout, count, head_widths
+from .budget import DEFAULT_LAYOUT, Layout, count, head_widths
 from .errors import UvclabError
 from .io_utils import atomic_write, atomic_write_text
 from .structure import BlockStructure, Structure
@@ -112,7 +112,7 @@ def _slim_block(blk: nn.Module, b: BlockStructure, layout: Layout) -> SlimBlock:
                      copy.deepcopy(blk.norm2), mlp, copy.deepcopy(blk.ls2))
 
 
-def export_model(model: nn.Module, structure: Structure, layout: Layout = "fused") -> nn.Module:
+def export_model(model: nn.Module, structure: Structure, layout: Layout = DEFAULT_LAYOUT) -> nn.Module:
     """A physically smaller copy of `model` (gated or plain timm ViT) keeping only what `structure` keeps."""
     structure.validate(model)
     slim = copy.copy(model)  # shallow: shares stem/head modules until we deep-copy below

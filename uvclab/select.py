@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .budget import Layout, VitShape, block_macs
+from .budget import DEFAULT_LAYOUT, Layout, VitShape, block_macs
 from .errors import UvclabError
 from .structure import BlockStructure, Structure
 
@@ -74,7 +74,7 @@ class _Fitter:
 
 
 def fit_to_budget(shape: VitShape, structure: Structure, head_scores: torch.Tensor, neuron_scores: torch.Tensor,
-                  dense_macs: int, macs_ratio: float, slack: float = 0.02, layout: Layout = "fused",
+                  dense_macs: int, macs_ratio: float, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,
                   dim_scores: torch.Tensor | None = None, keep_prob: torch.Tensor | None = None,
                   tie_qk: bool = False) -> Structure:
     """Trim until exported MACs <= B * dense, then refill while staying <= B (target: >= (B - slack) * dense)."""
