@@ -182,7 +182,10 @@ def test_render_run(runs):
 def test_explorer_slider_updates_summary(runs):
     root, reports = runs
     box = explorer(root)
-    assert box.dropdown.options == ("digits / deit_small_patch16_224", "fashion_mnist / deit_small_patch16_224")
+    # families: dataset / model, plus the parent folder when it is not the runs root itself
+    assert box.dropdown.options == ("digits / deit_small_patch16_224",
+                                    "fashion_mnist / deit_small_patch16_224  \u00b7  other")
+    assert box.dropdown.value == box.dropdown.options[0]
     assert [lb for lb, _ in box.slider.options] == ["0.50", "0.70"]
     before = box.summary_html.value
     assert f"{reports['uvc_050']['macs_ratio']:.3f}" in before
@@ -199,8 +202,40 @@ def test_explorer_live_uniform(tmp_path, model):
     with pytest.raises(UvclabError, match="No finished runs"):
         explorer(tmp_path)
     box = explorer(tmp_path, model=model)
+    assert box.dropdown.value == "uniform structure (live)" and box.dropdown.description == "source"
     before = box.summary_html.value
+    assert "n/a" not in before and "top-1" not in before           # no accuracy live: no empty cards
     box.slider.value = 0.3
     after = box.summary_html.value
     ratio = count(model, uniform_structure(model, 0.3))["macs"] / count(model)["macs"]
     assert after != before and f"{ratio:.3f}" in after
+
+
+def test_families_split_by_folder_and_table_proportions(tmp_path, model):
+    root = tmp_path / "runs"
+    for folder, name, budget in [("sweep", "b030", 0.3), ("sweep", "b050", 0.5), ("ablate", "uvc", 0.5),
+                                 ("ablate", "no_kd", 0.5)]:
+        write_run(root / folder / name, model, uniform_structure(model, budget), budget)
+    box = explorer(root)
+    assert set(box.dropdown.options) == {"digits / deit_small_patch16_224  \u00b7  sweep",
+                                         "digits / deit_small_patch16_224  \u00b7  ablate"}
+    assert box.dropdown.value.endswith("sweep")                   # the family with the most budgets first
+    assert [lb for lb, _ in box.slider.options] == ["0.30", "0.50"]
+    box.dropdown.value = box.dropdown.value.replace("sweep", "ablate")
+    assert [lb for lb, _ in box.slider.options] == ["0.50 (no_kd)", "0.50 (uvc)"]
+    text = box.summary_html.value
+    for header in ("heads kept", "q/k dims per head", "v dims per head", "MLP neurons kept", "attention"):
+        assert f">{header}</th>" in text
+    s = uniform_structure(model, 0.5)
+    b = s.blocks[0]
+    assert f">{len(b.heads)}/{s.num_heads}<" in text
+    assert f">{len(b.mlp)}/{s.mlp_hidden} ({100 * len(b.mlp) / s.mlp_hidden:.0f} %)<" in text
+    assert "max-height" not in text and "padding:1px" in text
+
+
+def test_explorer_shows_busy_cue(tmp_path, model):
+    box = explorer(tmp_path, model=model)
+    seen = []
+    box.summary_html.observe(lambda c: seen.append(c["new"]), names="value")
+    box.slider.value = 0.3
+    assert len(seen) == 2 and "computing" in seen[0] and "computing" not in seen[1]

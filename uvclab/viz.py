@@ -229,12 +229,12 @@ def plot_masks(structure: Structure, sort_neurons: bool = True) -> Figure:
     """
     arr = structure_arrays(structure, sort_neurons)
     L, H, Dh = structure.depth, structure.num_heads, structure.head_dim
+    small, tick = 10, (9 if L <= 16 else 7)                       # label / tick sizes (pt)
     cmap = plt.matplotlib.colors.ListedColormap([PRUNED, KEPT])
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.8), dpi=DPI, layout="constrained",
+    fig, axes = plt.subplots(1, 3, figsize=(10, max(3.8, 1.7 + 0.2 * L)), dpi=DPI, layout="constrained",
                              gridspec_kw={"width_ratios": [1, 2.2, 2.2]})
-    titles = ("Heads", "Value dims (per head)", "MLP neurons" + (" (kept first)" if sort_neurons else ""))
-    xlabels = ("head index", f"head x dim ({H} x {Dh})", "neuron (sorted, kept first)" if sort_neurons
-               else "neuron index")
+    titles = ("Heads", "Value dims", "MLP neurons")
+    xlabels = ("head", f"head ({Dh} dims each)", "neuron (sorted, kept first)" if sort_neurons else "neuron")
     for ax, key, title, xl, branch in zip(axes, ("heads", "v_dims", "mlp"), titles, xlabels,
                                           ("attn", "attn", "mlp")):
         a = arr[key]
@@ -242,24 +242,27 @@ def plot_masks(structure: Structure, sort_neurons: bool = True) -> Figure:
         _skip_rows(ax, structure, branch, a.shape[1])
         runs = np.array([b.runs_attn if branch == "attn" else b.runs_mlp for b in structure.blocks])
         kept = a.sum(1) * runs                                     # what actually runs
-        ax.set(xlabel=xl, ylabel="layer", title=f"{title}: {int(kept.sum())}/{a.size} kept")
+        ax.set_title(f"{title}: {int(kept.sum())}/{a.size} kept", fontsize=11)
+        ax.set_xlabel(xl, fontsize=small)
+        ax.set_ylabel("layer", fontsize=small)
         ax.set_yticks(range(L))
-        ax.set_yticklabels([str(l) for l in range(L)], fontsize=7 if L > 12 else 8)
+        ax.set_yticklabels([str(l) for l in range(L)])
+        ax.tick_params(labelsize=tick)
         if key == "heads":
             ax.set_xticks(range(H))
-            ax.tick_params(axis="x", labelsize=7)
         if key == "v_dims":
             for h in range(1, H):
                 ax.axvline(h * Dh - 0.5, color="#d95f02", lw=1.5)
-            ax.set_xticks(np.arange(H) * Dh + Dh / 2 - 0.5, [str(h) for h in range(H)], fontsize=7)
-            ax.set_xlabel(f"head ({Dh} dims each)")
+            ax.set_xticks(np.arange(H) * Dh + Dh / 2 - 0.5, [str(h) for h in range(H)])
         if key == "mlp" and sort_neurons:
             ax2 = ax.secondary_yaxis("right")
-            ax2.set_yticks(range(L), [str(int(k)) if r else "skip" for k, r in zip(kept, runs)], fontsize=7)
-            ax2.set_ylabel("kept", fontsize=8)
+            ax2.set_yticks(range(L), [str(int(k)) if r else "skip" for k, r in zip(kept, runs)])
+            ax2.tick_params(labelsize=tick)
+            ax2.set_ylabel("kept neurons", fontsize=small)
     handles = [Patch(facecolor=KEPT, label="kept"), Patch(facecolor=PRUNED, edgecolor="0.6", label="pruned"),
-               Patch(facecolor=SKIPPED, hatch="///", label="skipped (block/branch)")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+               Patch(facecolor=SKIPPED, edgecolor="k", hatch="///", label="skipped (block/branch)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=small, frameon=False,
+               handlelength=2.2, handleheight=1.3, columnspacing=2.0)
     return fig
 
 

@@ -1,7 +1,7 @@
 """An ipywidgets explorer of compressed structures: pick a run family and move a budget slider.
 
-Runs written by `uvclab compress` are grouped by dataset + model name; the slider steps over the budgets
-of the family and shows the run's headline numbers, its `Structure.summary()` table and `plot_masks`.
+Runs written by `uvclab compress` are grouped into families by dataset + model name + parent folder (a
+budget sweep, an ablation folder); the slider steps over the budgets of the family and shows the run's headline numbers, its `Structure.summary()` table and `plot_masks`.
 Without runs, pass `model=` to explore `uniform_structure(model, budget)` live. The rendering is the pure
 function `render_run` / `render_structure` (HTML string + Figure), so tests need no browser.
 """
@@ -25,33 +25,60 @@ from .viz import plot_masks, read_report, read_runs
 _CARD = ('<div style="display:inline-block;margin:0 22px 6px 0">'
          '<div style="font-size:26px;font-weight:600;line-height:1.1">{value}</div>'
          '<div style="font-size:12px;color:#666">{label}</div></div>')
+_CELL = 'style="padding:1px 8px;line-height:1.25;text-align:{align};border:0;{extra}"'
+_BUSY = '<div class="uvclab-summary" style="color:#666;font-style:italic">computing\u2026</div>'
 
 
-def _fmt(x, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
+def _fmt_n(x: float) -> str:
+    return f"{x:.0f}" if abs(x - round(x)) < 0.05 else f"{x:.1f}"
+
+
+def _summary_table(structure: Structure) -> str:
+    """Per-block table with proportions ("2/3", "172/768 (22 %)"), compact rows (inline styles, so no
+    notebook stylesheet makes them tall)."""
+    H, Dh, M = structure.num_heads, structure.head_dim, structure.mlp_hidden
+    heads = ["#", "block", "attention", "MLP", "heads kept", "q/k dims per head", "v dims per head",
+             "MLP neurons kept"]
+    yes, no = "\u2713", '<span style="color:#b00">\u2717</span>'
+    rows = []
+    for l, blk in enumerate(structure.blocks):
+        nh = max(len(blk.heads), 1)
+        if blk.runs_attn:
+            att = [f"{len(blk.heads)}/{H}", f"{_fmt_n(sum(map(len, blk.qk_dims)) / nh)}/{Dh}",
+                   f"{_fmt_n(sum(map(len, blk.v_dims)) / nh)}/{Dh}"]
+        else:
+            att = ["\u2013"] * 3
+        mlp = f"{len(blk.mlp)}/{M} ({100 * len(blk.mlp) / M:.0f} %)" if blk.runs_mlp else "\u2013"
+        flags = [yes if f else no for f in (blk.keep, blk.runs_attn, blk.runs_mlp)]
+        rows.append([str(l)] + flags + att + [mlp])
+    align = ["right", "center", "center", "center", "right", "right", "right", "right"]
+    th = "".join(f'<th {_CELL.format(align=al, extra="font-weight:600;border-bottom:1px solid #bbb")}>{h}</th>'
+                 for h, al in zip(heads, align))
+    body = "".join("<tr>" + "".join(f'<td {_CELL.format(align=al, extra="")}>{c}</td>' for c, al in zip(r, align))
+                   + "</tr>" for r in rows)
+    return (f'<table style="border-collapse:collapse;font-size:12px;margin:2px 0">'
+            f"<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+            '<div style="font-size:11px;color:#666">\u2713 runs, \u2717 skipped (whole block, attention or mlp '
+            "branch); dims per head are means over the kept heads</div>")
 
 
 def render_structure(structure: Structure, numbers: dict, title: str = "") -> tuple[str, Figure]:
     """HTML (headline numbers in large type + per-block summary table) and the mask figure.
 
-    `numbers` may hold macs_ratio, macs_ratio_target, params_ratio, top1, teacher_top1 (percent), blocks_kept.
+    `numbers` may hold macs_ratio, macs_ratio_target, params_ratio, top1, teacher_top1 (percent), blocks_kept;
+    missing ones (None) get no card.
     """
     n = numbers
     blocks = n.get("blocks_kept", sum(b.keep for b in structure.blocks))
-    cards = [("MACs ratio", _fmt(n.get("macs_ratio"), ".3f")),
-             ("budget", _fmt(n.get("macs_ratio_target"), ".2f")),
-             ("params ratio", _fmt(n.get("params_ratio"), ".3f")),
-             ("top-1 %", _fmt(n.get("top1"), ".2f")),
-             ("teacher top-1 %", _fmt(n.get("teacher_top1"), ".2f")),
-             ("blocks kept", f"{blocks} / {structure.depth}")]
-    summ = structure.summary().reset_index()
-    for c in ("keep", "attn", "mlp_branch"):                  # runs (check) or skipped (cross)
-        summ[c] = summ[c].map({True: "\u2713", False: "\u2717"})
-    table = summ.to_html(index=False, float_format=lambda v: f"{v:.1f}", border=0)
+    cards = [("MACs ratio", n.get("macs_ratio"), ".3f"), ("budget", n.get("macs_ratio_target"), ".2f"),
+             ("params ratio", n.get("params_ratio"), ".3f"), ("top-1 %", n.get("top1"), ".2f"),
+             ("teacher top-1 %", n.get("teacher_top1"), ".2f")]
+    cards = [(k, format(v, spec)) for k, v, spec in cards if v is not None]
+    cards.append(("blocks kept", f"{blocks} / {structure.depth}"))
     head = f'<div style="font-size:14px;margin-bottom:4px"><b>{html.escape(title)}</b></div>' if title else ""
     out = (f'<div class="uvclab-summary">{head}<div>'
            + "".join(_CARD.format(value=v, label=k) for k, v in cards)
-           + f'</div><div style="font-size:12px;max-height:360px;overflow:auto">{table}</div></div>')
+           + f"</div><div>{_summary_table(structure)}</div></div>")
     return out, plot_masks(structure)
 
 
@@ -83,14 +110,25 @@ def _png_output(fig: Figure) -> dict:
             "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": "<mask figure>"}}
 
 
-def _families(runs) -> dict[str, list[tuple[str, str]]]:
-    """Family label -> [(slider label, run path)] in budget order; labels made unique with the folder name."""
+def _families(runs, root: Path) -> dict[str, list[tuple[str, str]]]:
+    """Family label -> [(slider label, run path)] in budget order. A family is dataset + model + the run's
+    parent folder (a budget sweep and an ablation folder are different families); several runs at one budget
+    in a family get the folder name in their slider label."""
+    runs = runs.copy()
+    rel = []
+    for p in runs["path"]:
+        try:
+            rel.append(Path(p).parent.resolve().relative_to(root.resolve()).as_posix())
+        except ValueError:
+            rel.append(Path(p).parent.name)
+    runs["folder"] = rel
     fam: dict[str, list[tuple[str, str]]] = {}
-    for (ds, name), g in runs.groupby(["dataset", "model_name"], sort=True):
+    for (ds, name, folder), g in runs.groupby(["dataset", "model_name", "folder"], sort=True):
+        g = g.sort_values(["macs_ratio_target", "name"])
         labels = [f"{b:.2f}" for b in g["macs_ratio_target"]]
         dup = {lb for lb in labels if labels.count(lb) > 1}
-        fam[f"{ds} / {name}"] = [(lb + (f" ({r})" if lb in dup else ""), p)
-                                 for lb, r, p in zip(labels, g["name"], g["path"])]
+        key = f"{ds} / {name}" + ("" if folder == "." else f"  \u00b7  {folder}")
+        fam[key] = [(lb + (f" ({r})" if lb in dup else ""), p) for lb, r, p in zip(labels, g["name"], g["path"])]
     return fam
 
 
@@ -101,11 +139,11 @@ def explorer(runs_root: str | Path | None = None, model=None) -> W.VBox:
     `figure_out`. Moving `box.slider.value` re-renders synchronously.
     """
     runs = read_runs(runs_root)
-    dropdown = W.Dropdown(description="runs", layout=W.Layout(width="340px"))
     summary_html = W.HTML()
     figure_out = W.Output()
 
     def show(render, *args) -> None:
+        summary_html.value = _BUSY                            # busy cue while the structure and figure render
         try:
             text, fig = render(*args)
         except (UvclabError, OSError, KeyError, ValueError) as e:
@@ -119,9 +157,11 @@ def explorer(runs_root: str | Path | None = None, model=None) -> W.VBox:
             plt.close(fig)
 
     if len(runs):
-        families = _families(runs)
-        dropdown.options = list(families)
-        dropdown.value = dropdown.options[0]
+        families = _families(runs, Path(runs_root or runs_dir()))
+        # start on the family with the most distinct budgets (a sweep), so the slider has somewhere to go
+        start = max(families, key=lambda k: len({lb.split(" ")[0] for lb, _ in families[k]}))
+        dropdown = W.Dropdown(options=list(families), value=start, description="runs",
+                              layout=W.Layout(width="460px"))
         slider = W.SelectionSlider(options=families[dropdown.value], description="budget",
                                    continuous_update=False, layout=W.Layout(width="420px"))
 
@@ -140,8 +180,8 @@ def explorer(runs_root: str | Path | None = None, model=None) -> W.VBox:
         slider.observe(lambda c: show_run(c["new"]), names="value")
         show_run(slider.value)
     elif model is not None:
-        dropdown.options = ["uniform structure (live)"]
-        dropdown.disabled = True
+        dropdown = W.Dropdown(options=["uniform structure (live)"], value="uniform structure (live)",
+                              description="source", disabled=True, layout=W.Layout(width="340px"))
         slider = W.FloatSlider(value=0.5, min=0.1, max=1.0, step=0.05, description="budget", readout_format=".2f",
                                continuous_update=False, layout=W.Layout(width="420px"))
         slider.observe(lambda c: show(render_uniform, model, c["new"]), names="value")
