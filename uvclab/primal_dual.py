@@ -179,8 +179,10 @@ class UVCPrimalDual:
         r = self.r.clone().requires_grad_(cfg.prune and cfg.prune_dims)
         alpha = self.alpha.detach().clone().requires_grad_(cfg.block_skip)
         R = self.macs_ratio(s, r, heads, alpha)
-        d = R - cfg.macs_ratio  # clamped value; gradient passes up to and including the bound (as torch 1.7 did)
-        Rc = torch.where(d.abs() <= cfg.z_grad_clip, d, d.clamp(-cfg.z_grad_clip, cfg.z_grad_clip).detach())
+        # the value is clamped to +-z_grad_clip, the gradient always passes: a plain clamp (or torch 1.7's inclusive
+        # one) would freeze every count whenever R starts more than the clip above the budget (B < 0.5)
+        d = R - cfg.macs_ratio
+        Rc = d - (d - d.clamp(-cfg.z_grad_clip, cfg.z_grad_clip)).detach()
         obj = self.z * Rc
         if cfg.prune:
             s_hat, r_hat = ste_ceil(s), ste_ceil(r)
