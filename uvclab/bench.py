@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
@@ -46,8 +47,10 @@ def _time_once(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
 
 @torch.inference_mode()
 def compare_throughput(dense: torch.nn.Module, exported: torch.nn.Module, batch_size: int = 32,
-                       rounds: int = 5, iters: int = 2, warmup: int = 1) -> BenchResult:
-    """Median over alternating rounds of the per-batch time of each model."""
+                       rounds: int = 5, iters: int = 2, warmup: int = 1, dense_macs: Optional[int] = None,
+                       exported_macs: Optional[int] = None) -> BenchResult:
+    """Median over alternating rounds of the per-batch time of each model. MACs default to our calculator's
+    count (the exported model's uvclab_export structure); pass both for models pruned by other tools."""
     dense, exported = dense.eval(), exported.eval()
     x = torch.randn(batch_size, *input_shape(dense))
     for _ in range(warmup):
@@ -58,10 +61,12 @@ def compare_throughput(dense: torch.nn.Module, exported: torch.nn.Module, batch_
         td.append(_time_once(dense, x, iters))
         te.append(_time_once(exported, x, iters))
     td_med, te_med = sorted(td)[len(td) // 2], sorted(te)[len(te) // 2]
-    dm = count(vit_shape(dense))["macs"]
-    meta = exported.uvclab_export
-    from .structure import Structure
-    em = count(vit_shape(dense), Structure.from_dict(meta["structure"]), meta["layout"])["macs"]
+    dm = dense_macs if dense_macs is not None else count(vit_shape(dense))["macs"]
+    em = exported_macs
+    if em is None:
+        from .structure import Structure
+        meta = exported.uvclab_export
+        em = count(vit_shape(dense), Structure.from_dict(meta["structure"]), meta["layout"])["macs"]
     speedup = td_med / te_med
     return BenchResult(batch_size, batch_size / td_med, batch_size / te_med, speedup, dm, em, dm / em,
                        speedup / (dm / em))

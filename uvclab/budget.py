@@ -200,3 +200,22 @@ def expected_macs(s: VitShape, heads_removed: torch.Tensor, neurons_removed: tor
     if block_gate is not None:
         per_block = per_block * block_gate
     return s.stem_macs + s.head_macs + per_block.sum()
+
+
+def flop_counter_macs(model: torch.nn.Module, shape: Optional[tuple[int, int, int]] = None) -> int:
+    """MACs of one image measured by torch's FlopCounterMode (flops / 2) with explicit-matmul attention:
+    a count independent of this calculator, for any model (ours, exported, or pruned by another tool)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .gated_vit import explicit_attention
+    from .models import input_shape
+    p = next(model.parameters())
+    x = torch.zeros(1, *(shape or input_shape(model)), dtype=p.dtype, device=p.device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), explicit_attention(model), FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        model.train(was)
+    return fc.get_total_flops() // 2

@@ -49,6 +49,8 @@ class CompressConfig:
                                          # matmuls) | fused (one padded width per layer, fused SDPA)
     budget_slack: float = 0.02           # the final structure lands in [B - slack, B]
     max_steps_per_epoch: Optional[int] = None  # cap for quick runs
+    eval_max_samples: Optional[int] = None  # cap on validation and test images (quick runs; in report.json)
+    threads: Optional[int] = None        # torch CPU threads (None: torch's default)
     num_workers: int = 0
     progress: bool = True                # tqdm bars
     uvc: UVCSettings = field(default_factory=UVCSettings)
@@ -69,6 +71,9 @@ class CompressConfig:
                 raise UvclabError(f"{name} must be >= 0.")
         if self.batch_size < 1 or self.lr <= 0 or self.finetune_lr <= 0:
             raise UvclabError("batch_size, lr and finetune_lr must be positive.")
+        for name in ("max_steps_per_epoch", "eval_max_samples", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UvclabError(f"{name} must be >= 1 (or null for no limit).")
         if not 0 <= self.kd_alpha <= 1:
             raise UvclabError(f"kd_alpha={self.kd_alpha} must be in [0, 1].")
         if self.model is None and self.teacher is None:

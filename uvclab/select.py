@@ -8,6 +8,7 @@ until the structure is within the budget, and refills (most important per MAC) u
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -40,10 +41,14 @@ def structure_from_counts(shape: VitShape, dim_scores: torch.Tensor, head_scores
 class _Fitter:
     """Greedy trim/refill on whole heads and chunks of MLP neurons, ranked by layer-normalised score per MAC."""
 
-    def __init__(self, shape, structure, head_scores, neuron_scores, layout, dim_scores, tie_qk):
-        self.shape, self.st, self.layout = shape, structure, layout
-        self.hs = head_scores / head_scores.mean(-1, keepdim=True).clamp_min(1e-12)
-        self.ns = neuron_scores / neuron_scores.mean(-1, keepdim=True).clamp_min(1e-12)
+    def __init__(self, shape, structure, head_scores, neuron_scores, layout, dim_scores, tie_qk, score_norm="layer",
+                 per_mac=True):
+        self.shape, self.st, self.layout, self.per_mac = shape, structure, layout, per_mac
+        self.hs, self.ns = head_scores, neuron_scores
+        if score_norm != "raw":  # 'layer': one scale per layer; 'global': one per group type across all layers
+            dims = -1 if score_norm == "layer" else (0, 1)
+            self.hs = head_scores / head_scores.mean(dims, keepdim=True).clamp_min(1e-12)
+            self.ns = neuron_scores / neuron_scores.mean(dims, keepdim=True).clamp_min(1e-12)
         self.ds, self.tie_qk = dim_scores, tie_qk
         self.chunk = max(1, shape.mlp_hidden // 64)
         self.fixed = shape.stem_macs + shape.head_macs
@@ -76,34 +81,55 @@ class _Fitter:
 def fit_to_budget(shape: VitShape, structure: Structure, head_scores: torch.Tensor, neuron_scores: torch.Tensor,
                   dense_macs: int, macs_ratio: float, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,
                   dim_scores: torch.Tensor | None = None, keep_prob: torch.Tensor | None = None,
-                  tie_qk: bool = False) -> Structure:
-    """Trim until exported MACs <= B * dense, then refill while staying <= B (target: >= (B - slack) * dense)."""
-    f = _Fitter(shape, structure, head_scores, neuron_scores, layout, dim_scores, tie_qk)
+                  tie_qk: bool = False, allow_prune: bool = True, allow_skip: bool = True,
+                  score_norm: str = "layer", per_mac: bool = True) -> Structure:
+    """Trim until exported MACs <= B * dense, then refill while staying <= B (target: >= (B - slack) * dense).
+
+    allow_prune=False only drops / restores whole blocks (skipping only); allow_skip=False never drops a block.
+    score_norm: 'layer' divides scores by their layer's mean (UVC's counts already chose the layer widths),
+    'global' by one mean per group type, 'raw' uses them as given. per_mac=False ranks moves by score alone
+    (a neuron chunk: the sum of its neurons), not by score per MAC.
+    """
+    if score_norm not in ("layer", "global", "raw"):
+        raise UvclabError(f"score_norm must be 'layer', 'global' or 'raw', not {score_norm!r}.")
+    f = _Fitter(shape, structure, head_scores, neuron_scores, layout, dim_scores, tie_qk, score_norm, per_mac)
     budget = macs_ratio * dense_macs
+    by_keep = (lambda l: keep_prob[l].item()) if keep_prob is not None else (lambda l: -l)
     # trim: cheapest importance per MAC saved first; drop whole blocks if in-block trimming is exhausted
     while f.total() > budget:
-        moves = _scored(f, shrink=True)
+        moves = _scored(f, shrink=True) if allow_prune else []
         if not moves:
             kept = [l for l, b in enumerate(f.st.blocks) if b.keep]
-            if not kept:
-                raise UvclabError(f"No structure fits macs_ratio={macs_ratio}: the stem and head alone cost "
-                                  f"{f.fixed / dense_macs:.3f} of the dense MACs. Use a larger budget.")
-            order = kept if keep_prob is None else sorted(kept, key=lambda l: keep_prob[l].item())
-            f.st.blocks[order[0]].keep = False
+            if not kept or not allow_skip:
+                what = "the stem and head alone cost" if not kept else "without skipping blocks the minimum is"
+                raise UvclabError(f"No structure fits macs_ratio={macs_ratio}: {what} {f.total() / dense_macs:.3f} "
+                                  "of the dense MACs. Use a larger budget" + ("." if allow_skip else
+                                                                              " or allow block skipping."))
+            f.st.blocks[min(kept, key=by_keep)].keep = False
             continue
         _, l, nb, _ = min(moves, key=lambda m: m[0])
         f.st.blocks[l] = nb
     # refill: most importance per MAC first, only moves that keep us within budget
     while f.total() < (macs_ratio - slack / 4) * dense_macs:
         room = budget - f.total()
-        moves = [m for m in _scored(f, shrink=False) if m[3] <= room]
-        if not moves:
-            break
-        _, l, nb, _ = max(moves, key=lambda m: m[0])
-        f.st.blocks[l] = nb
+        if allow_prune:
+            moves = [m for m in _scored(f, shrink=False) if m[3] <= room]
+            if moves:
+                _, l, nb, _ = max(moves, key=lambda m: m[0])
+                f.st.blocks[l] = nb
+                continue
+        else:  # skipping only: bring back the most wanted skipped block that fits
+            back = [l for l, b in enumerate(f.st.blocks)
+                    if not b.keep and block_macs(f.shape, dataclasses.replace(b, keep=True), f.layout) <= room]
+            if back:
+                f.st.blocks[max(back, key=by_keep)].keep = True
+                continue
+        break
     if f.total() < (macs_ratio - slack) * dense_macs:
         warnings.warn(f"The selected structure uses {f.total() / dense_macs:.3f} of the dense MACs, below the "
-                      f"target band [{macs_ratio - slack:.3f}, {macs_ratio:.3f}] (skipped blocks cannot be refilled).")
+                      f"target band [{macs_ratio - slack:.3f}, {macs_ratio:.3f}]"
+                      + (" (whole blocks are too coarse to fill it)." if not allow_prune else
+                         " (skipped blocks cannot be refilled)."))
     return f.st
 
 
@@ -113,7 +139,7 @@ def _scored(f: _Fitter, shrink: bool):
     for imp, l, nb in _raw_moves(f, shrink):
         delta = block_macs(f.shape, nb, f.layout) - block_macs(f.shape, f.st.blocks[l], f.layout)
         if delta != 0:
-            out.append((imp / abs(delta), l, nb, delta))
+            out.append((imp / abs(delta) if f.per_mac else imp, l, nb, delta))
     return out
 
 

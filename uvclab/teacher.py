@@ -104,11 +104,13 @@ def train_teacher(model_name: str, model_kwargs: dict, dataset: str, epochs: int
                   *, data_root: Optional[str] = None, split_seed: int = 0, val_fraction: Optional[float] = None,
                   warmup_epochs: int = 1, label_smoothing: float = 0.1, augment: bool = True,
                   max_steps_per_epoch: Optional[int] = None, progress: bool = True, fp16: Optional[bool] = None,
-                  command: Optional[str] = None, log=print) -> dict:
+                  command: Optional[str] = None, init: Optional[str | Path] = None, log=print) -> dict:
     """Train `model_name` from scratch on `dataset`, keep the best-validation epoch, write weights + card.
 
     Returns the card (dict). fp16=None stores fp32 unless that exceeds 10 MB. `command` is recorded in the
-    card (default: the equivalent `uvclab teacher` command line). `log` receives one line per epoch.
+    card (default: the equivalent `uvclab teacher` command line). `init`: continue training from an existing
+    teacher (card or weights, same architecture) instead of from scratch; its card's summary is kept in the
+    new card's `parents`. `log` receives one line per epoch.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UvclabError("epochs, batch_size and lr must be positive.")
@@ -118,11 +120,27 @@ def train_teacher(model_name: str, model_kwargs: dict, dataset: str, epochs: int
     splits = load_dataset(dataset, root=data_root, split_seed=split_seed, val_fraction=val_fraction,
                           img_size=img_size if isinstance(img_size, int) else None, augment=augment)
     model = build_teacher_model(model_name, model_kwargs, splits)
+    parents = []
+    if init is not None:
+        start = load_teacher(init)
+        try:
+            model.load_state_dict(start.state_dict())
+        except RuntimeError as e:
+            raise UvclabError(f"--init {init} does not match the architecture given by --model/--set ({e}).") from e
+        card_path = Path(init).with_suffix(".json")
+        if card_path.is_file():
+            prev = json.loads(card_path.read_text())
+            parents = prev.get("parents", []) + [{k: prev.get(k) for k in (
+                "command", "epochs", "val_top1", "test_top1", "best_epoch", "train_time_s", "threads",
+                "weights_sha256")}]
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
     steps = len(make_loader(splits.train, batch_size, True, drop_last=True))
     steps = steps if max_steps_per_epoch is None else min(steps, max_steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps, warmup_epochs * steps))
     best = {"val_top1": -1.0}
+    if init is not None:  # the starting point competes too: continuing never returns a worse teacher
+        best = {"val_top1": evaluate(model, splits.val), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+        log(f"start (--init {init}): val_top1 {best['val_top1']:.2f}")
     history = []
     for epoch in range(epochs):
         loader = make_loader(splits.train, batch_size, True, seed=seed + epoch, drop_last=True)
@@ -141,12 +159,13 @@ def train_teacher(model_name: str, model_kwargs: dict, dataset: str, epochs: int
     recipe = dict(model_name=model_name, model_kwargs=model_kwargs, dataset=dataset, epochs=epochs,
                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, data_root=data_root,
                   split_seed=split_seed, val_fraction=val_fraction, warmup_epochs=warmup_epochs,
-                  label_smoothing=label_smoothing, augment=augment, max_steps_per_epoch=max_steps_per_epoch)
+                  label_smoothing=label_smoothing, augment=augment, max_steps_per_epoch=max_steps_per_epoch,
+                  init=str(init) if init is not None else None)
     card = {"kind": "uvclab-teacher", "model": model.uvclab_config, "dataset": dataset, "split_seed": split_seed,
             "split_sizes": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
             "num_classes": splits.num_classes, "val_top1": best["val_top1"], "test_top1": test,
             "best_epoch": best["epoch"], "epochs": epochs, "recipe": recipe,
-            "params": sum(p.numel() for p in model.parameters()), "history": history,
+            "params": sum(p.numel() for p in model.parameters()), "history": history, "parents": parents,
             "command": command or cli_command(recipe, out_path), "train_time_s": round(time.time() - t0, 1),
             "threads": torch.get_num_threads(), "versions": _versions()}
     return save_teacher(model, out_path, card, fp16)
@@ -234,7 +253,7 @@ def cli_command(recipe: dict, out_path) -> str:
     """The `uvclab teacher` command line that reproduces a recipe."""
     args = ["uvclab", "teacher", "--model", recipe["model_name"], "--dataset", recipe["dataset"]]
     for key in ("epochs", "batch_size", "lr", "weight_decay", "seed", "split_seed", "warmup_epochs",
-                "label_smoothing", "data_root", "val_fraction", "max_steps_per_epoch"):
+                "label_smoothing", "data_root", "val_fraction", "max_steps_per_epoch", "init"):
         if recipe.get(key) is not None:
             args += ["--" + key.replace("_", "-"), str(recipe[key])]
     if not recipe.get("augment", True):
@@ -280,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the CPUs we may use; use 1 when other jobs share the CPUs: "
                         "oversubscribed OpenMP threads can run 10x slower)")
+    p.add_argument("--init", default=None, help="continue from this teacher (card .json or weights) instead of "
+                   "from scratch; the architecture must match")
     p.add_argument("--fp16", action="store_true", help="store the weights in float16")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs, background runs)")
     p.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
@@ -296,7 +317,7 @@ def teacher_cli(argv: Optional[list[str]] = None) -> dict:
                          val_fraction=args.val_fraction, warmup_epochs=args.warmup_epochs,
                          label_smoothing=args.label_smoothing, augment=not args.no_augment,
                          max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.no_progress,
-                         fp16=True if args.fp16 else None, command="uvclab teacher " + shlex.join(argv),
+                         fp16=True if args.fp16 else None, command="uvclab teacher " + shlex.join(argv), init=args.init,
                          log=tqdm.write)
     print(f"wrote {args.out}.safetensors and {args.out}.json: val_top1 {card['val_top1']:.2f}  "
           f"test_top1 {card['test_top1']:.2f}  ({card['train_time_s']:.0f}s)", flush=True)

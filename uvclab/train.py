@@ -9,6 +9,7 @@ Works data-parallel under torchrun (gloo on CPU, nccl on GPU); UVC state is kept
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -140,6 +141,9 @@ def build_models(cfg: CompressConfig):
     img_size = student.patch_embed.img_size
     splits = load_dataset(cfg.dataset, root=cfg.data_root, split_seed=cfg.split_seed,
                           img_size=img_size[0] if isinstance(img_size, (tuple, list)) else img_size)
+    if cfg.eval_max_samples is not None:  # quick runs: the first N of the (already shuffled) val / test splits
+        cap = lambda ds: torch.utils.data.Subset(ds, range(min(cfg.eval_max_samples, len(ds))))  # noqa: E731
+        splits = dataclasses.replace(splits, val=cap(splits.val), test=cap(splits.test))
     if hasattr(student, "set_distilled_training"):
         student.set_distilled_training(cfg.kd != "none")
     for p in teacher.parameters():
@@ -232,7 +236,8 @@ def select_structure(cfg: CompressConfig, uvc: UVCPrimalDual) -> Structure:
     """Counts + gates -> Structure, fitted so that exported MACs lie in [B - slack, B] x dense."""
     dims, heads, neurons = uvc.scores()
     st = fit_to_budget(uvc.shape, current_structure(uvc), heads, neurons, uvc.dense_macs, cfg.macs_ratio,
-                       cfg.budget_slack, cfg.layout, dim_scores=dims, keep_prob=uvc.keep_prob(), tie_qk=cfg.uvc.tie_qk)
+                       cfg.budget_slack, cfg.layout, dim_scores=dims, keep_prob=uvc.keep_prob(), tie_qk=cfg.uvc.tie_qk,
+                       allow_prune=cfg.uvc.prune, allow_skip=cfg.uvc.block_skip)
     if world() > 1:  # rank 0's structure is the structure (identical anyway, guaranteed here)
         box = [st.to_dict()]
         dist.broadcast_object_list(box, 0)
@@ -326,6 +331,8 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
         cfg.save(out / "config.yaml")
     if ckpt is not None and ckpt.get("stage") == "done" and (out / "report.json").exists():
         return json.loads((out / "report.json").read_text())
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     t0 = time.time()
     model, teacher, splits = build_models(cfg)
@@ -365,7 +372,8 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
               "macs_ratio": slim_count["macs"] / dense["macs"], "params": slim_count["params"],
               "dense_params": dense["params"], "params_ratio": slim_count["params"] / dense["params"],
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
-              "layout": cfg.layout, "seconds": time.time() - t0, "world_size": world(), "ranks_agree": agree}
+              "layout": cfg.layout, "seconds": time.time() - t0, "world_size": world(), "ranks_agree": agree,
+              "val_samples": len(splits.val), "test_samples": len(splits.test)}
     if rank() == 0:
         save_pruned(slim.cpu(), out / "model", extra={"top1": top1, "teacher_top1": teacher_top1})
         atomic_write_text(out / "report.json", json.dumps(report, indent=1))

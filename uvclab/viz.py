@@ -309,15 +309,21 @@ def plot_ratios(structures: Mapping[str, Structure]) -> Figure:
 
 # ---- accuracy -------------------------------------------------------------------------------------
 
+MARKERS = "osD^vP*Xh<>"
+
+
 def plot_pareto(df: pd.DataFrame, x: str = "macs_ratio", y: str = "top1", hue: str = "method",
-                teacher: Optional[float] = None) -> Figure:
-    """Accuracy vs MACs ratio, one line per `hue` value (a single line if the column is absent);
-    the teacher (dense) accuracy as a dashed horizontal line."""
+                teacher: Optional[float] = None, err: Optional[str] = None) -> Figure:
+    """Accuracy vs MACs ratio, one line (own colour and marker) per `hue` value (a single line if the column
+    is absent), error bars from column `err` (e.g. std over seeds) where given; the teacher (dense)
+    accuracy as a dashed horizontal line."""
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=DPI, layout="constrained")
     groups = df.groupby(hue, sort=False) if hue in df else [(_label(y), df)]
     for i, (name, g) in enumerate(groups):
         g = g.sort_values(x)
-        ax.plot(g[x], g[y], "-o", color=f"C{i}", ms=5, lw=1.6, label=str(name))
+        yerr = g[err].fillna(0).to_numpy() if err is not None and err in g else None
+        ax.errorbar(g[x], g[y], yerr=yerr, fmt="-" + MARKERS[i % len(MARKERS)], color=f"C{i % 10}", ms=5, lw=1.6,
+                    capsize=3, label=str(name))
     if teacher is not None:
         ax.axhline(teacher, color="k", ls="--", lw=1.2, label=f"teacher (dense) {teacher:.2f} %")
     ax.set(xlabel=_label(x), ylabel=_label(y), title=f"{_label(y).split(' (')[0]} vs {_label(x).split(' (')[0]}")
