@@ -1,0 +1,125 @@
+"""The Torch-Pruning baseline: DepGraph structured pruning of a timm ViT down to a MACs budget.
+
+Whole attention heads and MLP hidden neurons are ranked globally by torch-pruning's group Taylor importance
+(|w * dL/dw| over each coupled group, gradients from the calibration batches, recomputed before every step)
+and removed a little at a time until the model, counted with `FlopCounterMode`, fits the budget.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import budget as budget_lib
+from .errors import UvclabError
+from .models import input_shape as _image_shape
+
+# the linear schedule runs up to this ratio (of heads and of neurons); an MLP is no longer ranked once it has lost
+# this much of its width, and torch-pruning never removes a block's last head or neuron
+MAX_PRUNING_RATIO = 0.9
+
+
+def _tp():
+    try:
+        import torch_pruning
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise UvclabError("The Torch-Pruning baseline needs the torch-pruning package: pip install torch-pruning "
+                          "(or pip install 'uvclab[baselines]').") from e
+    return torch_pruning
+
+
+def flop_counter_macs(model: torch.nn.Module, input_shape: Optional[tuple[int, ...]] = None) -> int:
+    """MACs (FLOPs / 2) of one forward pass of a batch of `input_shape` (e.g. (1, 1, 28, 28); default one image
+    of the model's input size) as `FlopCounterMode` sees it, attention matmuls included."""
+    if input_shape is None:
+        return budget_lib.flop_counter_macs(model)
+    return budget_lib.flop_counter_macs(model, tuple(input_shape[1:])) * int(input_shape[0])  # linear in batch
+
+
+def _accumulate_grads(model: torch.nn.Module, batches: list, loss_fn: Callable) -> None:
+    model.zero_grad(set_to_none=False)
+    device = next(model.parameters()).device
+    for x, y in batches:
+        loss_fn(model(x.to(device)), y.to(device)).backward()
+
+
+def _sync_timm(model: torch.nn.Module, pruner) -> None:
+    """Make timm's Attention agree with the pruned qkv widths, and the pruner's head counts too (it decrements
+    them even for a head group it then refuses to prune)."""
+    for blk in model.blocks:
+        a = blk.attn
+        a.num_heads = a.qkv.out_features // (3 * a.head_dim)
+        a.attn_dim = a.num_heads * a.head_dim
+        pruner.num_heads[a.qkv] = pruner.out_channel_groups[a.qkv] = a.num_heads
+    model.embed_dim = model.num_features = model.patch_embed.proj.out_channels
+
+
+def torch_pruning_to_budget(model: torch.nn.Module, macs_ratio: float, batches: Iterable, *,
+                            input_shape: Optional[tuple[int, ...]] = None, iterative_steps: int = 40,
+                            prune_embed: bool = False, loss_fn: Optional[Callable] = None) -> torch.nn.Module:
+    """A pruned deep copy of the timm `VisionTransformer` `model` with at most `macs_ratio` of its MACs.
+
+    Heads and MLP neurons are pruned together by torch-pruning (global ranking, Taylor importance from
+    `loss_fn(model(x), y)` summed over the (x, y) `batches`, cross-entropy by default) on a linear schedule of
+    `iterative_steps` steps up to MAX_PRUNING_RATIO, stopping at the first step within the budget. The embedding
+    width (residual stream) is kept unless `prune_embed`. The result carries
+    `uvclab_tp = {"macs", "dense_macs", "macs_ratio", "steps"}`; all its parameters require grad."""
+    macs_ratio = budget_lib.check_budget(macs_ratio)
+    tp = _tp()
+    batches = list(batches)
+    if not batches:
+        raise UvclabError("torch_pruning_to_budget needs at least one (images, labels) calibration batch.")
+    if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "head")):
+        raise UvclabError(f"torch_pruning_to_budget expects a timm VisionTransformer, got {type(model).__name__}.")
+    loss_fn = loss_fn or F.cross_entropy
+    shape = tuple(input_shape) if input_shape is not None else (1, *_image_shape(model))
+
+    pruned = copy.deepcopy(model)
+    was_training = pruned.training
+    pruned.eval().requires_grad_(True)
+    dense = flop_counter_macs(pruned, shape)
+    budget = macs_ratio * dense
+
+    # ignoring patch_embed drops every group that would prune its output channels: that group is the residual
+    # stream (norms, cls/pos tokens, qkv/fc1 inputs, proj/fc2 outputs, head input), so only heads and neurons remain
+    ignored = [pruned.head] + ([] if prune_embed else [pruned.patch_embed])
+    importance_cls = getattr(tp.importance, "GroupTaylorImportance", None) or tp.importance.TaylorImportance
+    pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
+    example = torch.zeros(shape, device=next(pruned.parameters()).device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # cls/pos: last dim is right
+        pruner = pruner_cls(
+            pruned, example, importance=importance_cls(), global_pruning=True,
+            pruning_ratio=MAX_PRUNING_RATIO, head_pruning_ratio=MAX_PRUNING_RATIO,
+            max_pruning_ratio=MAX_PRUNING_RATIO, iterative_steps=iterative_steps, ignored_layers=ignored,
+            num_heads={blk.attn.qkv: blk.attn.num_heads for blk in pruned.blocks},
+            prune_num_heads=True, prune_head_dims=False)
+
+    attns = [blk.attn for blk in pruned.blocks]
+    head_schedule = list(pruner.per_step_head_pruning_ratio)
+    macs, steps = dense, 0
+    while macs > budget:
+        if steps >= iterative_steps:
+            raise UvclabError(
+                f"Torch-Pruning stopped at {macs / dense:.3f} of the dense MACs after {steps} steps and cannot reach "
+                f"macs_ratio={macs_ratio} (each head/neuron group keeps at least {1 - MAX_PRUNING_RATIO:.0%} of its "
+                "width). Use a larger budget" + ("." if prune_embed else " or prune_embed=True."))
+        _accumulate_grads(pruned, batches, loss_fn)
+        # torch-pruning 1.6 raises UnboundLocalError (head_thres) when global head pruning is on for a step whose
+        # head target rounds to no removal: turn head pruning off for such steps. `ranked`: the heads it would rank
+        k, r = pruner.current_step + 1, head_schedule[pruner.current_step + 1]
+        ranked = sum(a.num_heads for a in attns
+                     if a.qkv.out_features >= (1 - MAX_PRUNING_RATIO) * pruner.layer_init_out_ch[a.qkv])
+        pruner.per_step_head_pruning_ratio[k] = r if ranked > int(pruner.initial_total_heads * (1 - r)) else 0.0
+        pruner.step()  # a block's head group that would lose every head is skipped whole by torch-pruning
+        _sync_timm(pruned, pruner)
+        steps += 1
+        macs = flop_counter_macs(pruned, shape)
+
+    pruned.zero_grad(set_to_none=True)
+    pruned.train(was_training)
+    pruned.uvclab_tp = {"macs": int(macs), "dense_macs": int(dense), "macs_ratio": macs / dense, "steps": steps}
+    return pruned
