@@ -1,6 +1,6 @@
 """UVC vs one-shot baselines on Fashion-MNIST with the committed DeiT-Tiny-shaped teacher.
 
-    python benchmarks/fashion_mnist.py            # full protocol (see PROTOCOLS), ~35 min on 2 CPU cores
+    python benchmarks/fashion_mnist.py            # full protocol (see PROTOCOLS), ~25 min on 2 CPU cores
     python benchmarks/fashion_mnist.py --quick    # every method at B=0.5, reduced training, < 10 min
     python benchmarks/fashion_mnist.py --device cuda --scale 10 --workers 1   # GPU: 10x the training
 
@@ -23,9 +23,9 @@ from uvclab.benchmark import METHODS, Protocol, results_table, run_benchmark, wr
 SMALL_RUN_UVC = {"gating_interval": 5, "glr": 1.0, "gating_weight": 0.1, "z_grad_clip": 1.0}
 PROTOCOLS = {
     "full": dict(budgets=(0.7, 0.5, 0.3), seeds=(0,), extra_seeds=(1, 2),
-                 config=dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=40, warmup_epochs=1,
+                 config=dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=24, warmup_epochs=1,
                              search_epochs=3, finetune_epochs=4, lr=5e-4, finetune_lr=5e-4, threads=1,
-                             eval_max_samples=5000, uvc=SMALL_RUN_UVC)),
+                             eval_max_samples=3000, uvc=SMALL_RUN_UVC)),
     "quick": dict(budgets=(0.5,), seeds=(0,), extra_seeds=(),
                   config=dict(dataset="fashion_mnist", batch_size=64, max_steps_per_epoch=25, warmup_epochs=1,
                               search_epochs=2, finetune_epochs=2, lr=5e-4, finetune_lr=5e-4, threads=1,

@@ -103,3 +103,16 @@ def test_teacher_cli_runs(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert (tmp_path / "cli.json").is_file() and card["command"].startswith("uvclab teacher --dataset digits")
     assert "wrote" in capsys.readouterr().out
+
+
+def test_init_continues_from_a_teacher_and_never_returns_a_worse_one(trained, tmp_path):
+    start, card0 = trained
+    card = train_teacher("deit_tiny_patch16_224", TINY, "digits", epochs=1, batch_size=128, lr=1e-9, seed=1,
+                         out_path=tmp_path / "cont", warmup_epochs=0, progress=False, log=lambda line: None,
+                         init=str(start) + ".json")
+    assert card["parents"][-1]["weights_sha256"] == card0["weights_sha256"]
+    assert card["val_top1"] >= card0["val_top1"]              # the start point competes for the best epoch
+    assert card["recipe"]["init"].endswith("tiny.json") and "--init" in card["command"]
+    with pytest.raises(UvclabError, match="does not match"):
+        train_teacher("deit_tiny_patch16_224", dict(TINY, embed_dim=32), "digits", epochs=1, out_path=tmp_path / "x",
+                      progress=False, log=lambda line: None, init=str(start) + ".json")
