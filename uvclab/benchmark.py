@@ -22,7 +22,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from .config import CompressConfig
+from .config import CompressConfig, load_config
 from .errors import UvclabError
 from .io_utils import atomic_write, atomic_write_text
 
@@ -88,7 +88,8 @@ def run_method(method: str, cfg: CompressConfig, out: str | Path) -> dict:
         report, slim = _one_shot(method, cfg, out)
     from .teacher import load_teacher
     from .budget import flop_counter_macs
-    teacher = load_teacher(_teacher_path(cfg))
+    from .train import teacher_path
+    teacher = load_teacher(teacher_path(cfg))
     dense = flop_counter_macs(teacher)
     report.update(method=method, seed=cfg.seed, macs_ratio_calculator=report.get("macs_ratio"),
                   macs_independent=flop_counter_macs(slim), dense_macs_independent=dense,
@@ -97,11 +98,6 @@ def run_method(method: str, cfg: CompressConfig, out: str | Path) -> dict:
     report["params_ratio"] = sum(p.numel() for p in slim.parameters()) / sum(p.numel() for p in teacher.parameters())
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     return report
-
-
-def _teacher_path(cfg: CompressConfig) -> Path:
-    from .paths import default_teacher
-    return default_teacher(cfg.dataset) if cfg.teacher == "default" else Path(cfg.teacher)
 
 
 def _train_images(cfg: CompressConfig, epochs: int) -> Optional[int]:
@@ -243,13 +239,13 @@ def measure_speed(runs: Path, protocol: Protocol, log=print) -> None:
     writes `speed.json` next to each report (skipped when present)."""
     from .bench import compare_throughput
     from .teacher import load_teacher
+    from .train import teacher_path
     teachers = {}
     for rep in sorted(runs.glob("*/report.json")):
         if (rep.parent / "speed.json").exists():
             continue
         r = json.loads(rep.read_text())
-        cfg = CompressConfig.from_dict(__import__("yaml").safe_load((rep.parent / "config.yaml").read_text()))
-        path = _teacher_path(cfg)
+        path = teacher_path(load_config(rep.parent / "config.yaml"))
         if path not in teachers:
             teachers[path] = load_teacher(path)
         res = compare_throughput(teachers[path], load_run_model(rep.parent), protocol.speed_batch_size,
@@ -268,9 +264,9 @@ def results_table(runs: str | Path) -> pd.DataFrame:
         r["speedup"] = json.loads(sp.read_text())["speedup"] if sp.exists() else float("nan")
         rows.append({c: r.get(c) for c in COLUMNS})
     df = pd.DataFrame(rows, columns=COLUMNS)
-    order = {m: i for i, m in enumerate(METHODS)}
-    return df.sort_values(["macs_ratio_target", "method", "seed"], key=lambda s: s.map(order) if s.name == "method"
-                          else -s if s.name == "macs_ratio_target" else s, ignore_index=True)
+    df["method"] = pd.Categorical(df["method"], categories=METHODS)  # table order: UVC variants, then baselines
+    df = df.sort_values(["macs_ratio_target", "method", "seed"], ascending=[False, True, True], ignore_index=True)
+    return df.astype({"method": str})
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -116,13 +116,18 @@ def _kd_loss(cfg: CompressConfig, out, labels, teacher_logits):
 
 # ---- models ------------------------------------------------------------------------------------------
 
+def teacher_path(cfg: CompressConfig) -> Path:
+    """The teacher file a config names ('default': the dataset's committed reference teacher)."""
+    return default_teacher(cfg.dataset) if cfg.teacher == "default" else Path(cfg.teacher)
+
+
 def build_models(cfg: CompressConfig):
     """(student, teacher, data splits). Student starts from the teacher unless a model is named."""
     from .data import load_dataset
     from .teacher import load_teacher
     teacher = None
     if cfg.teacher is not None:
-        path = default_teacher(cfg.dataset) if cfg.teacher == "default" else Path(cfg.teacher)
+        path = teacher_path(cfg)
         if not path.exists():
             raise UvclabError(f"Teacher '{path}' not found. Train one with `uvclab teacher --dataset {cfg.dataset} "
                               "...`, or pass --set teacher=PATH (card .json or weights), or teacher=null to "
