@@ -114,6 +114,48 @@ def test_read_runs_and_metrics(runs):
     assert m.attrs["num_heads"] == 6 and viz.read_report(root / "uvc_050")["macs_ratio_target"] == 0.5
 
 
+def test_read_runs_merges_the_run_settings(runs):
+    root, _ = runs
+    (root / "uvc_070" / "config.yaml").write_text("dataset: digits\nmacs_ratio: 0.7\nkd: none\nsearch_epochs: 3\n"
+                                                  "uvc:\n  block_skip: false\n  count_lr: 0.05\n")
+    df = viz.read_runs(root).set_index("name")
+    assert df.loc["uvc_070", "method"] == "uvc_prune_only_no_kd" and df.loc["uvc_050", "method"] == "uvc"
+    assert df.loc["uvc_070", "kd"] == "none" and df.loc["uvc_070", "search_epochs"] == 3
+    assert df.loc["uvc_070", "uvc.block_skip"] == False and df.loc["uvc_070", "uvc.count_lr"] == 0.05  # noqa: E712
+    assert df.loc["uvc_070", "dataset"] == "digits"               # the report's own fields win
+    rep = json.loads((root / "uvc_050" / "report.json").read_text())
+    (root / "uvc_050" / "report.json").write_text(json.dumps(dict(rep, method="magnitude")))
+    assert viz.read_runs(root).set_index("name").loc["uvc_050", "method"] == "magnitude"   # benchmark runs
+
+
+@pytest.mark.parametrize("cfg, label", [({}, "uvc"), ({"kd": "hard"}, "uvc_hard_kd"),
+                                        ({"uvc": {"prune": False}}, "uvc_skip_only"),
+                                        ({"uvc": {"block_skip": False}, "kd": "none"}, "uvc_prune_only_no_kd")])
+def test_method_label_names_the_benchmark_variants(cfg, label):
+    from uvclab.benchmark import UVC_METHODS
+    assert viz.method_label(cfg) == label
+    for name, overrides in UVC_METHODS.items():   # the benchmark's variants get their own names back
+        cfg = {"uvc": {}}
+        for k, v in overrides.items():
+            (cfg["uvc"] if k.startswith("uvc.") else cfg)[k.removeprefix("uvc.")] = v
+        assert viz.method_label(cfg) == name
+
+
+def test_compact_png_is_a_smaller_png_of_the_same_size():
+    import io
+    from PIL import Image
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=90)
+    ax.imshow(np.random.default_rng(0).random((30, 30)), cmap="viridis")
+    ax.set_title("noise")
+    small = viz.compact_png(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    a, b = Image.open(io.BytesIO(small)), Image.open(buf)
+    assert a.format == "PNG" and a.mode == "P" and a.size == b.size
+    assert len(small) < len(buf.getvalue())
+    viz.use_compact_png()                         # outside IPython: nothing to do, no error
+
+
 def test_read_metrics_skips_half_written_last_line(runs):
     run = runs[0] / "uvc_050"
     n = len(viz.read_metrics(run))

@@ -66,12 +66,26 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     return df
 
 
+def method_label(config: Mapping) -> str:
+    """The benchmark's name for what a `uvclab compress` config does: 'uvc', plus '_prune_only' (no block
+    skipping) or '_skip_only' (no pruning inside blocks), plus '_hard_kd' or '_no_kd' when not soft KD."""
+    uvc = config.get("uvc", {}) or {}
+    prune, skip = uvc.get("prune", True), uvc.get("block_skip", True)
+    name = "uvc" + {(True, True): "", (True, False): "_prune_only", (False, True): "_skip_only"}.get(
+        (prune, skip), "_nothing")
+    kd = config.get("kd", "soft")
+    return name + {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
+
+
 def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
     """One row per finished run folder under `runs_root` (any depth; default `paths.runs_dir()`, i.e.
-    $UVCLAB_RUNS or ./runs): report fields, model_name, model_kwargs (JSON), name (folder), path.
+    $UVCLAB_RUNS or ./runs): report fields, model_name, model_kwargs (JSON), name (folder), path, and the
+    run's settings from config.yaml where the report lacks them (`kd`, `warmup_epochs`, ..., `uvc.prune`,
+    `uvc.block_skip`, ...). `method` is the report's (benchmark runs) or `method_label(config)`.
 
     Sorted by dataset, model and MACs budget; empty (with those columns) when there is none.
     """
+    import yaml
     from .paths import runs_dir
     rows = []
     for rep in sorted(Path(runs_root or runs_dir()).glob("**/report.json")):
@@ -79,14 +93,43 @@ def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
             r = json.loads(rep.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue                                   # being written or corrupt: not a finished run
+        cfg_path = rep.parent / "config.yaml"
+        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+        settings = {k: v for k, v in cfg.items() if k not in ("uvc", "model_kwargs")}
+        settings.update({f"uvc.{k}": v for k, v in (cfg.get("uvc") or {}).items()})
         model = r.pop("model", {}) or {}
-        rows.append(dict(r, model_name=model.get("name"), model_kwargs=json.dumps(model.get("kwargs", {})),
-                         name=rep.parent.name, path=str(rep.parent)))
-    cols = ["dataset", "model_name", "macs_ratio_target", "name", "path"]
+        r.setdefault("method", method_label(cfg) if cfg else None)
+        rows.append(dict({k: v for k, v in settings.items() if k not in r}, **r, model_name=model.get("name"),
+                         model_kwargs=json.dumps(model.get("kwargs", {})), name=rep.parent.name,
+                         path=str(rep.parent)))
+    cols = ["dataset", "model_name", "macs_ratio_target", "method", "name", "path"]
     if not rows:
         return pd.DataFrame(columns=cols)
     return pd.DataFrame(rows).sort_values(["dataset", "model_name", "macs_ratio_target", "name"],
                                           ignore_index=True)
+
+
+def compact_png(fig: Figure, dpi: Optional[float] = None) -> bytes:
+    """`fig` as a 256-colour PNG (about 3x smaller than matplotlib's RGBA PNG): keeps executed notebooks small."""
+    import io
+    from PIL import Image
+    buf, out = io.BytesIO(), io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
+    Image.open(buf).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(out, format="png", optimize=True)
+    return out.getvalue()
+
+
+def use_compact_png() -> None:
+    """In IPython/Jupyter: show every matplotlib figure through `compact_png` (no effect outside IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    ip = get_ipython()
+    if ip is None:
+        return
+    import matplotlib_inline.backend_inline  # noqa: F401  (sets up inline figures first, so our formatter wins)
+    ip.display_formatter.formatters["image/png"].for_type(Figure, compact_png)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
