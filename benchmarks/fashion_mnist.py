@@ -18,18 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from uvclab.benchmark import METHODS, Protocol, results_table, run_benchmark, write_results  # noqa: E402
+from uvclab.primal_dual import SHORT_RUN_UVC  # noqa: E402
 
-# Gate and count step sizes for a few hundred search steps (the reference's suit tens of thousands; see README).
-SMALL_RUN_UVC = {"gating_interval": 5, "glr": 1.0, "gating_weight": 0.1, "z_grad_clip": 1.0}
+# UVC: search 2 epochs (no warm-up: the student starts as the trained teacher), then fine-tune 6; one-shot
+# methods fine-tune all 8. Same images for every method.
 PROTOCOLS = {
-    "full": dict(budgets=(0.7, 0.5, 0.3), seeds=(0,), extra_seeds=(1, 2),
-                 config=dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=24, warmup_epochs=1,
-                             search_epochs=3, finetune_epochs=4, lr=5e-4, finetune_lr=5e-4, threads=1,
-                             eval_max_samples=3000, uvc=SMALL_RUN_UVC)),
+    "full": dict(budgets=(0.7, 0.5, 0.3), seeds=(0,), extra_seeds=(1, 2), seed_budgets=(0.5, 0.3),
+                 config=dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=24, warmup_epochs=0,
+                             search_epochs=2, finetune_epochs=6, lr=5e-4, finetune_lr=5e-4, threads=1,
+                             eval_max_samples=3000, uvc=SHORT_RUN_UVC)),
     "quick": dict(budgets=(0.5,), seeds=(0,), extra_seeds=(),
-                  config=dict(dataset="fashion_mnist", batch_size=64, max_steps_per_epoch=25, warmup_epochs=1,
-                              search_epochs=2, finetune_epochs=2, lr=5e-4, finetune_lr=5e-4, threads=1,
-                              eval_max_samples=2000, uvc=SMALL_RUN_UVC)),
+                  config=dict(dataset="fashion_mnist", batch_size=64, max_steps_per_epoch=25, warmup_epochs=0,
+                              search_epochs=2, finetune_epochs=3, lr=5e-4, finetune_lr=5e-4, threads=1,
+                              eval_max_samples=2000, uvc=SHORT_RUN_UVC)),
 }
 
 

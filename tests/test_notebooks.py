@@ -9,6 +9,7 @@ The committed outputs themselves are regression-tested by nbval:
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from pathlib import Path
@@ -115,6 +116,14 @@ def test_parameter_files_replace_every_short_run_default(yaml_path):
     for key in ("max_steps_per_epoch", "eval_max_samples", "overrides"):
         assert key in keys, f"{yaml_path.name} must set {key} (the notebooks' default is for short CPU runs)"
     assert keys["max_steps_per_epoch"] is None and keys["eval_max_samples"] is None and keys["overrides"] == {}
+
+
+@pytest.mark.parametrize("name", PRODUCERS)
+def test_short_run_overrides_are_the_librarys(name):
+    """The run notebooks' default `overrides` are SHORT_RUN_UVC (what the benchmark uses), as dotted keys."""
+    from uvclab.primal_dual import SHORT_RUN_UVC
+    default = papermill.inspect_notebook(str(NB_DIR / f"{name}.ipynb"))["overrides"]["default"]
+    assert ast.literal_eval(default) == {f"uvc.{k}": v for k, v in SHORT_RUN_UVC.items()}
 
 
 # ---- papermill, tiny parameters ------------------------------------------------------------------

@@ -44,11 +44,13 @@ class Protocol:
     budgets: tuple = (0.7, 0.5, 0.3)
     methods: tuple = METHODS
     seeds: tuple = (0,)
-    extra_seeds: tuple = (1, 2)          # at `seed_budget`: UVC and the best baseline (chosen on validation)
-    seed_budget: float = 0.5
+    extra_seeds: tuple = (1, 2)          # at each of `seed_budgets`: UVC and the best baseline (chosen on validation)
+    seed_budgets: tuple = (0.5,)
     config: dict = dataclasses.field(default_factory=dict)
     speed_batch_size: int = 64
-    speed_rounds: int = 7
+    speed_rounds: int = 15
+    speed_iters: int = 3                 # batches per timed round
+    speed_threads: Optional[int] = 1     # torch threads while timing (1: steadiest on a shared CPU; None: as is)
 
     def base_config(self, method: str, budget: float, seed: int) -> CompressConfig:
         if method not in METHODS:
@@ -216,7 +218,7 @@ def best_baseline(reports: list[dict], budget: float) -> Optional[str]:
 
 
 def run_benchmark(protocol: Protocol, out: str | Path, workers: int = 1, log=print) -> pd.DataFrame:
-    """All (method, budget, seed) runs, then extra seeds at `seed_budget` for UVC and the best baseline,
+    """All (method, budget, seed) runs, then extra seeds at `seed_budgets` for UVC and the best baseline there,
     then speed; returns the results table (one row per run)."""
     out = Path(out)
     runs = out / "runs"
@@ -225,34 +227,42 @@ def run_benchmark(protocol: Protocol, out: str | Path, workers: int = 1, log=pri
         return [(m, protocol.base_config(m, b, s), runs / run_name(m, b, s))
                 for b in budgets for m in methods for s in seeds]
     reports = run_jobs(jobs_for(protocol.methods, protocol.budgets, protocol.seeds), workers, log)
-    if protocol.extra_seeds and protocol.seed_budget in protocol.budgets:
-        best = best_baseline(reports, protocol.seed_budget)
-        methods = [m for m in ("uvc", best) if m in protocol.methods]
-        log(f"extra seeds {protocol.extra_seeds} at B={protocol.seed_budget}: {methods}")
-        reports += run_jobs(jobs_for(methods, [protocol.seed_budget], protocol.extra_seeds), workers, log)
+    extra, seed_budgets = [], [b for b in protocol.seed_budgets if b in protocol.budgets and protocol.extra_seeds]
+    for budget in seed_budgets:
+        methods = [m for m in ("uvc", best_baseline(reports, budget)) if m in protocol.methods]
+        log(f"extra seeds {protocol.extra_seeds} at B={budget}: {methods}")
+        extra += jobs_for(methods, [budget], protocol.extra_seeds)
+    run_jobs(extra, workers, log)
     measure_speed(runs, protocol, log)
     return results_table(runs)
 
 
 def measure_speed(runs: Path, protocol: Protocol, log=print) -> None:
-    """Throughput of every finished run's model vs the dense teacher, one process, alternating rounds;
-    writes `speed.json` next to each report (skipped when present)."""
+    """Throughput of every finished run's model vs the dense teacher, one process, alternating rounds, with
+    `protocol.speed_threads` torch threads; writes `speed.json` next to each report (skipped when present)."""
     from .bench import compare_throughput
     from .teacher import load_teacher
     from .train import teacher_path
     teachers = {}
-    for rep in sorted(runs.glob("*/report.json")):
-        if (rep.parent / "speed.json").exists():
-            continue
-        r = json.loads(rep.read_text())
-        path = teacher_path(load_config(rep.parent / "config.yaml"))
-        if path not in teachers:
-            teachers[path] = load_teacher(path)
-        res = compare_throughput(teachers[path], load_run_model(rep.parent), protocol.speed_batch_size,
-                                 rounds=protocol.speed_rounds, dense_macs=r["dense_macs_independent"],
-                                 exported_macs=r["macs_independent"])
-        atomic_write_text(rep.parent / "speed.json", json.dumps(dict(res.to_dict(), threads=torch.get_num_threads())))
-        log(f"speed {rep.parent.name}: {res}")
+    threads = torch.get_num_threads()
+    if protocol.speed_threads:
+        torch.set_num_threads(protocol.speed_threads)
+    try:
+        for rep in sorted(runs.glob("*/report.json")):
+            if (rep.parent / "speed.json").exists():
+                continue
+            r = json.loads(rep.read_text())
+            path = teacher_path(load_config(rep.parent / "config.yaml"))
+            if path not in teachers:
+                teachers[path] = load_teacher(path)
+            res = compare_throughput(teachers[path], load_run_model(rep.parent), protocol.speed_batch_size,
+                                     rounds=protocol.speed_rounds, iters=protocol.speed_iters,
+                                     dense_macs=r["dense_macs_independent"], exported_macs=r["macs_independent"])
+            atomic_write_text(rep.parent / "speed.json",
+                              json.dumps(dict(res.to_dict(), threads=torch.get_num_threads())))
+            log(f"speed {rep.parent.name}: {res}")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def results_table(runs: str | Path) -> pd.DataFrame:
