@@ -108,11 +108,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 @pytest.mark.parametrize("override,msg", [
     ("macs_ratio=1.5", r"outside \(0, 1\]"), ("dataset=mnist", "Unknown dataset"), ("kd=fancy", "kd="),
     ("teacher=missing.json", "not found"), ("nonsense=1", "Unknown config key"),
+    ("lr=fast", "lr='fast' must be a number"), ("batch_size=2.5", "must be an integer"),
+    ("uvc.ylr=[1]", r"uvc.ylr=\[1\] must be a number"),
 ])
 def test_bad_input_is_a_clear_cli_error(capsys, tmp_path, override, msg):
     code = main(["compress", "--out", str(tmp_path / "x"), "--set", override] + sum((["--set", s] for s in QUICK), []))
     err = capsys.readouterr().err
     assert code == 2 and __import__("re").search(msg, err) and "Traceback" not in err
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads `3e-5` as a string; config files and --set must still give floats."""
+    (tmp_path / "c.yaml").write_text("lr: 3e-4\nuvc:\n  ylr: 3e-5\n  count_lr: 1\n")
+    cfg = load_config(tmp_path / "c.yaml", ["uvc.zlr=2e-1", "finetune_lr=5E-5"])
+    assert (cfg.lr, cfg.uvc.ylr, cfg.uvc.count_lr, cfg.uvc.zlr, cfg.finetune_lr) == (3e-4, 3e-5, 1.0, 0.2, 5e-5)
+    assert all(isinstance(v, float) for v in (cfg.lr, cfg.uvc.ylr, cfg.uvc.count_lr))
 
 
 @pytest.mark.slow

@@ -96,7 +96,8 @@ class CompressConfig:
             bad = sorted(set(uvc) - uvc_known)
             if bad:
                 raise UvclabError(f"Unknown uvc setting(s) {bad}. Known: {sorted(uvc_known)}.")
-            uvc = UVCSettings(**uvc)
+            uvc = UVCSettings(**_numbers(UVCSettings, uvc, "uvc."))
+        d = _numbers(cls, d)
         try:
             return cls(uvc=uvc, **d)
         except TypeError as e:
@@ -105,6 +106,28 @@ class CompressConfig:
     def save(self, path: str | Path) -> None:
         from .io_utils import atomic_write_text
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _numbers(cls, d: dict, prefix: str = "") -> dict:
+    """Number fields as numbers: floats accept ints and numeric strings (YAML 1.1 reads `3e-5` as a string);
+    anything else is a clear error here, not a crash deep inside a run."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(d)
+    for k, v in d.items():
+        t = types.get(k)
+        if t not in ("float", "int", "Optional[int]") or (v is None and t == "Optional[int]"):
+            continue
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            num = float(v)
+            if t != "float" and num != int(num):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            kind = "a number" if t == "float" else "an integer" + (" or null" if t.startswith("Optional") else "")
+            raise UvclabError(f"{prefix}{k}={v!r} must be {kind}.") from None
+        out[k] = num if t == "float" else int(num)
+    return out
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
