@@ -212,6 +212,10 @@ def test_ratios_pareto_bars(model):
                                  "ablation", teacher=85.0)
     assert_labelled(fig)
     assert [t.get_text() for t in fig.axes[0].texts] == ["80.00", "75.50", "78.00"]
+    lo, hi = fig.axes[0].get_ylim()                            # zoomed so that point-sized gaps show
+    assert lo == 72 and hi > 85 and "axis from 72" in fig.axes[0].get_ylabel()
+    fig = viz.plot_accuracy_bars(pd.DataFrame(dict(ablation=["a", "b"], top1=[80, 75.5])), "ablation", ymin=0)
+    assert fig.axes[0].get_ylim()[0] == 0 and "axis from" not in fig.axes[0].get_ylabel()
 
 
 def test_render_run(runs):

@@ -376,8 +376,11 @@ def plot_pareto(df: pd.DataFrame, x: str = "macs_ratio", y: str = "top1", hue: s
 
 
 def plot_accuracy_bars(df: pd.DataFrame, label_col: str, value_col: str = "top1",
-                       teacher: Optional[float] = None, title: str = "Ablation") -> Figure:
-    """Bars of `value_col` per `label_col` row (e.g. ablations), values printed on the bars, teacher line."""
+                       teacher: Optional[float] = None, title: str = "Ablation", ymin: Optional[float] = None) -> Figure:
+    """Bars of `value_col` per `label_col` row (e.g. ablations), values printed on the bars, teacher line.
+
+    The value axis starts at `ymin` (default: a whole number 3 below the lowest bar or teacher, so that gaps
+    of a point stay visible; the axis label says where it starts); pass 0 for bars from zero."""
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(df) + 2), 3.5), dpi=DPI, layout="constrained")
     labels = df[label_col].astype(str).tolist()
     bars = ax.bar(range(len(df)), df[value_col], color="C0", width=0.65)
@@ -385,10 +388,14 @@ def plot_accuracy_bars(df: pd.DataFrame, label_col: str, value_col: str = "top1"
     if teacher is not None:
         ax.axhline(teacher, color="k", ls="--", lw=1.2, label=f"teacher {teacher:.2f} %")
         ax.legend(fontsize=8, loc="lower right", framealpha=1)
-    top = max([float(df[value_col].max()) if len(df) else 0.0] + ([teacher] if teacher is not None else []))
-    ax.set_ylim(0, top * 1.12 if top > 0 else 1)
+    values = [float(v) for v in df[value_col]] + ([teacher] if teacher is not None else [])
+    top = max(values, default=0.0)
+    if ymin is None:
+        ymin = max(0.0, float(np.floor(min(values, default=0.0) - 3)))
+    ax.set_ylim(ymin, top + 0.12 * (top - ymin) if top > ymin else ymin + 1)
     ax.set_xticks(range(len(df)), labels, rotation=20 if max(map(len, labels), default=0) > 8 else 0,
                   ha="right" if max(map(len, labels), default=0) > 8 else "center")
-    ax.set(xlabel=label_col.replace("_", " "), ylabel=_label(value_col), title=title)
+    ylabel = _label(value_col) + (f", axis from {ymin:g}" if ymin > 0 else "")
+    ax.set(xlabel=label_col.replace("_", " "), ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, axis="y")
     return fig
