@@ -59,6 +59,26 @@ def test_fit_to_budget_skip_only_and_prune_only():
         fit_to_budget(s, Structure.dense(m), heads, neurons, dense, 0.05, allow_skip=False)
 
 
+def test_structure_from_counts_rounds_value_dims_to_a_multiple():
+    from uvclab.select import structure_from_counts
+    m = small_vit()
+    s = vit_shape(m)
+    L, H, Dh = s.depth, s.num_heads, s.head_dim
+    torch.manual_seed(0)
+    dims, heads, neurons = torch.rand(L, H, Dh), torch.rand(L, H), torch.rand(L, s.mlp_hidden)
+    counts = torch.zeros(L, 2)
+    removed = torch.tensor([1.0, 3.0, Dh / 2 - 1, Dh - 1])[:, None].expand(L, H)    # per block
+    exact = structure_from_counts(s, dims, heads, neurons, counts, removed, torch.ones(L, dtype=torch.bool))
+    rounded = structure_from_counts(s, dims, heads, neurons, counts, removed, torch.ones(L, dtype=torch.bool),
+                                    dims_multiple=8)
+    assert [len(b.v_dims[0]) for b in exact.blocks] == [Dh - 1, Dh - 3, Dh // 2 + 1, 1]
+    want = [min(Dh, max(8, 8 * round((Dh - k) / 8))) for k in (1, 3, Dh // 2 - 1, Dh - 1)]
+    assert [len(b.v_dims[0]) for b in rounded.blocks] == want and all(w % 8 == 0 or w == Dh for w in want)
+    for b_exact, b_round in zip(exact.blocks, rounded.blocks):   # rounding keeps the highest-scoring dims
+        small, large = sorted([b_exact.v_dims[0], b_round.v_dims[0]], key=len)
+        assert set(small) <= set(large)
+
+
 def test_flop_counter_macs_is_independent_and_agrees_with_calculator():
     m = small_vit()
     assert flop_counter_macs(m) == count(m)["macs"]

@@ -23,9 +23,11 @@ from .budget import VitShape, expected_macs, vit_shape
 # not reach the budget before the search ends (count_lr 0.02), leaving a large blind cut to the final fit;
 # and the sparsity duals y, p (ylr 1e-4) grow fast enough to pull removed groups back before the budget is
 # met. ylr was chosen on validation accuracy (Fashion-MNIST benchmark, 48 search steps, B = 0.3 and 0.5)
-# among 1e-4, 3e-5 and 1e-5; README, Benchmark, has the numbers.
+# among 1e-4, 3e-5 and 1e-5. dims_multiple 8 (not a short-run matter: worth trying at any scale) keeps value
+# widths hardware-friendly: removing 2-3 of 32 dims per head made the exported attention slower, not faster.
+# README, Benchmark, has the numbers.
 SHORT_RUN_UVC = {"gating_interval": 5, "glr": 1.0, "gating_weight": 0.1, "z_grad_clip": 1.0, "count_lr": 0.05,
-                 "ylr": 3e-5}
+                 "ylr": 3e-5, "dims_multiple": 8}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class UVCSettings:
     prune_dims: bool = True             # learn r (dims inside heads)
     block_skip: bool = True             # learn Gumbel block-skip gates
     tie_qk: bool = False                # prune q/k dims together with v (beyond the paper; keeps fused SDPA)
+    dims_multiple: int = 1              # the final structure keeps value dims per head in multiples of this
+                                        # (nearest; 8 or 16: hardware-friendly widths, and a head rounded back to
+                                        # the full width runs fused attention); 1: exactly the learned counts
     macs_formula: str = "exact"         # 'exact' or 'reference' (UVC calc_flops with the corrected rho)
     count_lr: float = 0.02              # slr = rlr (reference 0.02)
     count_lr_mode: str = "per_range"    # 'per_range': lr x group count (counts move as fractions); 'reference'
@@ -61,6 +66,8 @@ class UVCSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UvclabError(f"uvc.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.dims_multiple < 1:
+            raise UvclabError(f"uvc.dims_multiple={self.dims_multiple} must be >= 1.")
         if self.gating_interval < 1 or self.gumbel_tau <= 0 or not 0 <= self.warmup_gate <= 1:
             raise UvclabError("uvc.gating_interval must be >= 1, uvc.gumbel_tau > 0, uvc.warmup_gate in [0, 1].")
 

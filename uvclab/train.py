@@ -234,7 +234,8 @@ def current_structure(uvc: UVCPrimalDual) -> Structure:
     dims, heads, neurons = uvc.scores()
     keep = uvc.alpha[:, 1] > uvc.alpha[:, 0] if uvc.cfg.block_skip else torch.ones(uvc.shape.depth, dtype=torch.bool)
     r = uvc.r if uvc.cfg.prune_dims else torch.zeros_like(uvc.r)
-    return structure_from_counts(uvc.shape, dims, heads, neurons, uvc.s, r, keep, tie_qk=uvc.cfg.tie_qk)
+    return structure_from_counts(uvc.shape, dims, heads, neurons, uvc.s, r, keep, tie_qk=uvc.cfg.tie_qk,
+                                 dims_multiple=uvc.cfg.dims_multiple)
 
 
 def select_structure(cfg: CompressConfig, uvc: UVCPrimalDual) -> Structure:
