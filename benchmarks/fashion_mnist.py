@@ -1,6 +1,6 @@
 """UVC vs one-shot baselines on Fashion-MNIST with the committed DeiT-Tiny-shaped teacher.
 
-    python benchmarks/fashion_mnist.py            # full protocol (see PROTOCOLS), ~25 min on 2 CPU cores
+    python benchmarks/fashion_mnist.py            # full protocol (see PROTOCOLS), ~25 min on 2 CPU cores (est.)
     python benchmarks/fashion_mnist.py --quick    # every method at B=0.5, reduced training, ~4 min
     python benchmarks/fashion_mnist.py --device cuda --scale 10 --workers 1   # GPU: 10x the training
 

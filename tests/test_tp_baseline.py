@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("torch_pruning")
 
 from uvclab.errors import UvclabError  # noqa: E402
-from uvclab.tp_baseline import flop_counter_macs, torch_pruning_to_budget  # noqa: E402
+from uvclab.budget import flop_counter_macs  # noqa: E402
+from uvclab.tp_baseline import torch_pruning_to_budget  # noqa: E402
 
 
 def tiny_vit(depth=2, num_heads=3, embed_dim=48):
@@ -40,7 +41,7 @@ def pruned(model):
 @pytest.mark.parametrize("ratio", [0.7, 0.5, 0.3])
 def test_fits_budget_closely(model, pruned, ratio):
     p, dense = pruned[ratio], flop_counter_macs(model)
-    macs = flop_counter_macs(p, (1, 1, 8, 8))
+    macs = flop_counter_macs(p, (1, 8, 8))
     assert p.uvclab_tp["dense_macs"] == dense and p.uvclab_tp["macs"] == macs
     assert (ratio - 0.05) * dense <= macs <= ratio * dense
     assert p.uvclab_tp["macs_ratio"] == pytest.approx(macs / dense) and 0 < p.uvclab_tp["steps"] <= 40

@@ -227,8 +227,8 @@ def run_benchmark(protocol: Protocol, out: str | Path, workers: int = 1, log=pri
         return [(m, protocol.base_config(m, b, s), runs / run_name(m, b, s))
                 for b in budgets for m in methods for s in seeds]
     reports = run_jobs(jobs_for(protocol.methods, protocol.budgets, protocol.seeds), workers, log)
-    extra, seed_budgets = [], [b for b in protocol.seed_budgets if b in protocol.budgets and protocol.extra_seeds]
-    for budget in seed_budgets:
+    extra = []
+    for budget in [b for b in protocol.seed_budgets if b in protocol.budgets] if protocol.extra_seeds else []:
         methods = [m for m in ("uvc", best_baseline(reports, budget)) if m in protocol.methods]
         log(f"extra seeds {protocol.extra_seeds} at B={budget}: {methods}")
         extra += jobs_for(methods, [budget], protocol.extra_seeds)

@@ -31,14 +31,6 @@ def _tp():
     return torch_pruning
 
 
-def flop_counter_macs(model: torch.nn.Module, input_shape: Optional[tuple[int, ...]] = None) -> int:
-    """MACs (FLOPs / 2) of one forward pass of a batch of `input_shape` (e.g. (1, 1, 28, 28); default one image
-    of the model's input size) as `FlopCounterMode` sees it, attention matmuls included."""
-    if input_shape is None:
-        return budget_lib.flop_counter_macs(model)
-    return budget_lib.flop_counter_macs(model, tuple(input_shape[1:])) * int(input_shape[0])  # linear in batch
-
-
 def _accumulate_grads(model: torch.nn.Module, batches: list, loss_fn: Callable) -> None:
     model.zero_grad(set_to_none=False)
     device = next(model.parameters()).device
@@ -66,7 +58,7 @@ def torch_pruning_to_budget(model: torch.nn.Module, macs_ratio: float, batches: 
     `loss_fn(model(x), y)` summed over the (x, y) `batches`, cross-entropy by default) on a linear schedule of
     `iterative_steps` steps up to MAX_PRUNING_RATIO, stopping at the first step within the budget. The embedding
     width (residual stream) is kept unless `prune_embed`. The result carries
-    `uvclab_tp = {"macs", "dense_macs", "macs_ratio", "steps"}`; all its parameters require grad."""
+    `uvclab_tp = {"macs", "dense_macs", "macs_ratio", "steps"}` (MACs per image); all its parameters require grad."""
     macs_ratio = budget_lib.check_budget(macs_ratio)
     tp = _tp()
     batches = list(batches)
@@ -76,11 +68,12 @@ def torch_pruning_to_budget(model: torch.nn.Module, macs_ratio: float, batches: 
         raise UvclabError(f"torch_pruning_to_budget expects a timm VisionTransformer, got {type(model).__name__}.")
     loss_fn = loss_fn or F.cross_entropy
     shape = tuple(input_shape) if input_shape is not None else (1, *_image_shape(model))
+    image = shape[1:]  # MACs are per image (FlopCounterMode with explicit attention, as for every benchmark model)
 
     pruned = copy.deepcopy(model)
     was_training = pruned.training
     pruned.eval().requires_grad_(True)
-    dense = flop_counter_macs(pruned, shape)
+    dense = budget_lib.flop_counter_macs(pruned, image)
     budget = macs_ratio * dense
 
     # ignoring patch_embed drops every group that would prune its output channels: that group is the residual
@@ -117,7 +110,7 @@ def torch_pruning_to_budget(model: torch.nn.Module, macs_ratio: float, batches: 
         pruner.step()  # a block's head group that would lose every head is skipped whole by torch-pruning
         _sync_timm(pruned, pruner)
         steps += 1
-        macs = flop_counter_macs(pruned, shape)
+        macs = budget_lib.flop_counter_macs(pruned, image)
 
     pruned.zero_grad(set_to_none=True)
     pruned.train(was_training)
