@@ -17,8 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from uvclab.benchmark import METHODS, Protocol, results_table, run_benchmark, write_results  # noqa: E402
-from uvclab.primal_dual import SHORT_RUN_UVC  # noqa: E402
+from uvclab.compare.benchmark import METHODS, Protocol, results_table, run_benchmark  # noqa: E402
+from uvclab.ui.viz import write_results  # noqa: E402
+from uvclab.uvc import SHORT_RUN_UVC  # noqa: E402
 
 # UVC: search 2 epochs (no warm-up: the student starts as the trained teacher), then fine-tune 6; one-shot
 # methods fine-tune all 8. Same images for every method.

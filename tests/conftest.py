@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import uvclab
-from uvclab.structure import Structure
+from uvclab.vit.structure import Structure
 
 torch.set_num_threads(2)
 

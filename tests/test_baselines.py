@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from conftest import small_vit
-from uvclab.baselines import depth_structure, magnitude_scores, magnitude_structure
-from uvclab.budget import count, flop_counter_macs, vit_shape
+from uvclab.prune.baselines import depth_structure, magnitude_scores, magnitude_structure
+from uvclab.vit.macs import count, flop_counter_macs, vit_shape
 from uvclab.errors import UvclabError
-from uvclab.export import export_model
-from uvclab.select import fit_to_budget
-from uvclab.structure import Structure
+from uvclab.vit.export import export_model
+from uvclab.prune.fit import fit_to_budget
+from uvclab.vit.structure import Structure
 
 
 @pytest.mark.parametrize("ratio", [0.7, 0.5, 0.3])
@@ -60,7 +60,7 @@ def test_fit_to_budget_skip_only_and_prune_only():
 
 
 def test_structure_from_counts_rounds_value_dims_to_a_multiple():
-    from uvclab.select import structure_from_counts
+    from uvclab.uvc.select import structure_from_counts
     m = small_vit()
     s = vit_shape(m)
     L, H, Dh = s.depth, s.num_heads, s.head_dim

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from uvclab.benchmark import COLUMNS, ONE_SHOT_METHODS, Protocol, best_baseline, results_table, run_benchmark
+from uvclab.compare.benchmark import COLUMNS, ONE_SHOT_METHODS, Protocol, best_baseline, results_table, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="digits", batch_size=32, max_steps_per_epoch=2, warmup_epochs=1, search_epochs=1,
@@ -57,7 +57,7 @@ def test_extra_seeds_go_to_uvc_and_the_best_baseline_on_validation(tmp_path):
     best = best_baseline(reports, 0.5)
     assert best in ONE_SHOT_METHODS
     assert sorted(df[df.seed == 1].method) == sorted(["uvc", best])       # 0.3 is not a protocol budget
-    assert set(df[df.seed == 1].macs_ratio_target) == {0.5} and len(df) == 8
+    assert set(df[df.seed == 1].budget) == {0.5} and len(df) == 8
 
 
 def test_unknown_method_is_a_clear_error():

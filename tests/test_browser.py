@@ -1,5 +1,5 @@
 """End to end, in a real browser: JupyterLab (started here on 127.0.0.1) and headless Debian Chromium driven
-by Playwright open a notebook that shows `uvclab.widgets.explorer`, run all cells, move the budget slider
+by Playwright open a notebook that shows `uvclab.ui.widgets.explorer`, run all cells, move the budget slider
 with the keyboard, and check that the headline numbers, the structure table and the mask figure follow.
 
 Needs `bash .ci/install-browser .venv` (Debian's chromium + the `playwright` driver from PyPI; `.ci/run` calls
@@ -46,7 +46,7 @@ VIEWPORT = {"width": 1400, "height": 1000}
 GENERATED_CELLS = [
     ("markdown", "# Explorer (browser test)\nA DeiT-S-shaped ViT (12 blocks, 32x32 input, untrained); the budget "
                  "slider computes `uniform_structure(model, budget)` live."),
-    ("code", "import torch\n\nimport uvclab\nfrom uvclab.widgets import explorer\n\ntorch.manual_seed(0)\n"
+    ("code", "import torch\n\nimport uvclab\nfrom uvclab.ui.widgets import explorer\n\ntorch.manual_seed(0)\n"
              "model = uvclab.create_vit(\"deit_small_patch16_224\", img_size=32, patch_size=8, depth=12, "
              "num_classes=10).eval()"),
     ("code", "box = explorer(runs_root=\"no-runs-here\", model=model)   # no runs: live uniform structures\nbox"),

@@ -3,9 +3,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import uvclab
-from uvclab import budget
+from uvclab.vit import macs as budget
 from uvclab.errors import UvclabError
-from uvclab.structure import Structure
+from uvclab.vit.structure import Structure
 
 from conftest import random_structure, small_vit
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from uvclab.cli import main
+from uvclab.ui.cli import main
 
 from conftest import random_structure, small_vit
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from uvclab import data
-from uvclab.data import load_dataset, make_loader, read_idx, split_indices
+from uvclab.engine import data
+from uvclab.engine.data import load_dataset, make_loader, read_idx, split_indices
 from uvclab.errors import UvclabError
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uvclab.distill import distillation_loss, hard_kd, soft_kd
+from uvclab.engine.distill import distillation_loss, hard_kd, soft_kd
 from uvclab.errors import UvclabError
 
 S = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0]])   # student logits (B=2, K=3)

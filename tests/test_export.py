@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import uvclab
-from uvclab.baselines import depth_structure, uniform_structure
-from uvclab.bench import compare_throughput
+from uvclab.prune.baselines import depth_structure, uniform_structure
+from uvclab.compare.throughput import compare_throughput
 from uvclab.errors import UvclabError
-from uvclab.export import export_model, load_pruned, save_pruned
-from uvclab.structure import Structure, apply_structure
+from uvclab.vit.export import export_model, load_pruned, save_pruned
+from uvclab.vit.structure import Structure, apply_structure
 
 from conftest import random_structure, small_vit
 

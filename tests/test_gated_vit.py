@@ -3,8 +3,8 @@ import torch
 
 import uvclab
 from uvclab.errors import UvclabError
-from uvclab.gated_vit import gate_vit, is_gated, open_all_gates
-from uvclab.structure import Structure, apply_structure
+from uvclab.vit.gated import gate_vit, is_gated, open_all_gates
+from uvclab.vit.structure import Structure, apply_structure
 
 from conftest import random_structure, small_vit
 
@@ -17,7 +17,7 @@ MODELS = [("deit_tiny_patch16_224", {}), ("deit_small_distilled_patch16_224", {}
 @pytest.mark.parametrize("fused", [True, False])
 def test_all_gates_open_equals_timm(name, kw, fused):
     plain = small_vit(name, **kw)
-    x = torch.randn(2, *uvclab.models.input_shape(plain))
+    x = torch.randn(2, *uvclab.vit.models.input_shape(plain))
     for m in plain.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused

@@ -18,7 +18,7 @@ import nbformat
 import pytest
 import yaml
 
-from uvclab.config import CompressConfig
+from uvclab.engine.config import CompressConfig
 
 papermill = pytest.importorskip("papermill")
 
@@ -125,7 +125,7 @@ def test_parameter_files_replace_every_short_run_default(yaml_path):
 @pytest.mark.parametrize("name", PRODUCERS)
 def test_short_run_overrides_are_the_librarys(name):
     """The run notebooks' default `overrides` are SHORT_RUN_UVC (what the benchmark uses), as dotted keys."""
-    from uvclab.primal_dual import SHORT_RUN_UVC
+    from uvclab.uvc import SHORT_RUN_UVC
     default = papermill.inspect_notebook(str(NB_DIR / f"{name}.ipynb"))["overrides"]["default"]
     assert ast.literal_eval(default) == {f"uvc.{k}": v for k, v in SHORT_RUN_UVC.items()}
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 import uvclab
-from uvclab import train
-from uvclab.cli import main
-from uvclab.config import load_config
+from uvclab.engine import compress as train
+from uvclab.engine import search as search_stage
+from uvclab.engine.loop import evaluate
+from uvclab.ui.cli import main
+from uvclab.engine.config import load_config
 from uvclab.errors import UvclabError
-from uvclab.structure import Structure
+from uvclab.vit.structure import Structure
 
 QUICK = ["warmup_epochs=1", "search_epochs=2", "finetune_epochs=2", "max_steps_per_epoch=6", "progress=false",
          "uvc.gating_interval=5"]
@@ -42,11 +44,11 @@ def test_compress_writes_the_run_folder(quick_run):
 
 
 def test_exported_model_loads_and_reproduces_the_report(quick_run):
-    from uvclab.data import load_dataset
+    from uvclab.engine.data import load_dataset
     report = json.loads((quick_run / "report.json").read_text())
     model = uvclab.load_pruned(quick_run / "model")
     splits = load_dataset("digits")
-    assert train.accuracy(model, splits.test, "cpu") == pytest.approx(report["top1"])
+    assert evaluate(model, splits.test) == pytest.approx(report["top1"])
     st = Structure.load(quick_run / "structure.json")
     base = uvclab.create_vit(report["model"]["name"], **report["model"]["kwargs"])
     assert uvclab.count(base, st, report["layout"])["macs"] == report["macs"]
@@ -57,7 +59,7 @@ def test_metrics_log_traces_the_search(quick_run):
     search = [r for r in recs if r["stage"] == "search"]
     assert search[0]["warmup"] and not search[-1]["warmup"]
     assert all(r["z"] >= 0 for r in search)
-    for key in ("heads_removed", "neurons_removed", "dims_removed", "keep_prob", "macs_ratio", "loss"):
+    for key in ("heads_removed", "neurons_removed", "dims_removed", "keep_prob", "expected_macs_ratio", "loss"):
         assert key in search[-1]
     assert any(r["stage"] == "finetune_epoch" for r in recs)
 
@@ -74,10 +76,12 @@ def test_resume_gives_the_same_result(tmp_path, monkeypatch):
         if calls["n"] == 2:  # killed right after the 2nd checkpoint (mid-search)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_two)
+    for stage in (train, search_stage):
+        monkeypatch.setattr(stage, "save_checkpoint", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         train.compress(cfg, tmp_path / "run")
-    monkeypatch.setattr(train, "save_checkpoint", real)
+    for stage in (train, search_stage):
+        monkeypatch.setattr(stage, "save_checkpoint", real)
     with pytest.raises(UvclabError, match="--resume"):
         train.compress(cfg, tmp_path / "run")
     resumed = train.compress(cfg, tmp_path / "run", resume=True)
@@ -89,7 +93,7 @@ def test_resume_gives_the_same_result(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = quick_cfg()
-    real = train.distillation_loss
+    real = search_stage.distillation_loss
     calls = {"n": 0}
 
     def nan_later(*a, **k):
@@ -97,7 +101,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] > 15 else loss
 
-    monkeypatch.setattr(train, "distillation_loss", nan_later)
+    monkeypatch.setattr(search_stage, "distillation_loss", nan_later)
     with pytest.raises(UvclabError, match="Non-finite loss"):
         train.compress(cfg, tmp_path / "run")
     ckpt = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -150,10 +154,10 @@ def test_local_checkpoint_start_and_t2t_backbone(tmp_path):
                     "macs_ratio=0.95")  # at 32x32 the T2T stem alone is 0.89 of the MACs
     report = train.compress(cfg, tmp_path / "t2t")
     assert report["model"]["name"] == "t2t_vit_7" and 0.93 <= report["macs_ratio"] <= 0.95
-    from uvclab.data import load_dataset
+    from uvclab.engine.data import load_dataset
     splits = load_dataset("digits", img_size=32)
     # the teacher is the starting checkpoint itself
     src.eval()
-    assert report["teacher_top1"] == pytest.approx(train.accuracy(src, splits.test, "cpu"))
+    assert report["teacher_top1"] == pytest.approx(evaluate(src, splits.test))
     slim = uvclab.load_pruned(tmp_path / "t2t" / "model")
-    assert train.accuracy(slim, splits.test, "cpu") == pytest.approx(report["top1"])
+    assert evaluate(slim, splits.test) == pytest.approx(report["top1"])

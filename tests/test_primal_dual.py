@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from uvclab.gated_vit import gate_vit
-from uvclab.primal_dual import (UVCPrimalDual, UVCSettings, least_sum, projected_sgd, selected_mask, ste_ceil)
+from uvclab.vit.gated import gate_vit
+from uvclab.uvc.optimizer import (UVCPrimalDual, UVCSettings, least_sum, projected_sgd, selected_mask, ste_ceil)
 
 from conftest import small_vit
 
@@ -40,9 +40,9 @@ def test_projected_sgd_respects_box_and_clips():
     assert new.tolist() == [0.0, 5.0, 2.5]
 
 
-def _uvc(**kw):
+def _uvc(macs_ratio=0.5, **kw):
     m = gate_vit(small_vit(depth=4))
-    return m, UVCPrimalDual(m, UVCSettings(**kw))
+    return m, UVCPrimalDual(m, UVCSettings(**kw), macs_ratio)
 
 
 def test_proximal_step_shrinks_only_selected_groups():
@@ -67,7 +67,7 @@ def test_z_rises_while_over_budget_and_falls_back():
         uvc.step(lr=1e-4, epoch=0, warmup=False)  # nothing can move: R = 1 > 0.5
         z.append(float(uvc.z))
     assert z[1] > z[0] and z[2] > z[1] and z[3] == pytest.approx(z[0] + 3 * 0.5)
-    uvc.cfg = dataclasses.replace(uvc.cfg, macs_ratio=1.0)
+    uvc.budget = 1.0
     uvc.s[:, 1] = 500  # now under budget: R < 1
     for _ in range(10):
         uvc.step(lr=1e-4, epoch=0, warmup=False)
@@ -81,7 +81,7 @@ def test_counts_and_gates_move_toward_budget():
     for _ in range(150):
         uvc.set_model_gates(uvc.gate_sample())
         m(torch.randn(2, 3, 32, 32)).sum().backward()  # a task gradient reaches alpha through the gates
-        ratios.append(uvc.step(lr=1e-4, epoch=0, warmup=False)["macs_ratio"])
+        ratios.append(uvc.step(lr=1e-4, epoch=0, warmup=False)["expected_macs_ratio"])
     assert ratios[0] > 0.85 and min(ratios) < 0.7  # starts at P(keep) = softmax([-1, 1])[1] = 0.88
     assert (uvc.s > 0).any() and (uvc.r > 0).any()
     assert (uvc.y >= 0).all() and (uvc.p >= 0).all() and uvc.z >= 0

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import uvclab
-from uvclab import budget
+from uvclab.vit import macs as budget
 from uvclab.errors import UvclabError
-from uvclab.export import export_model, load_pruned, save_pruned
-from uvclab.structure import Structure, apply_structure
-from uvclab.t2t_vit import T2TViT, load_official_t2t_checkpoint, sinusoid_table
+from uvclab.vit.export import export_model, load_pruned, save_pruned
+from uvclab.vit.structure import Structure, apply_structure
+from uvclab.vit.t2t_vit import T2TViT, load_official_t2t_checkpoint, sinusoid_table
 
 from conftest import random_structure
 

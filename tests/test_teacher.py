@@ -4,18 +4,25 @@ import pytest
 import torch
 
 from uvclab import paths
-from uvclab.data import load_dataset
+from uvclab.engine.data import load_dataset
 from uvclab.errors import UvclabError
-from uvclab.teacher import cli_command, evaluate, load_teacher, parse_set, teacher_cli, train_teacher, warmup_cosine
+from uvclab.engine.config import TeacherConfig, parse_overrides
+from uvclab.engine.loop import evaluate, warmup_cosine
+from uvclab.engine.teacher import cli_command, load_teacher, train_teacher
+from uvclab.ui.cli import teacher_cli
 
 TINY = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 24, "depth": 1, "num_heads": 2}
+
+
+def tiny(**kw) -> TeacherConfig:
+    return TeacherConfig(**{"model": "deit_tiny_patch16_224", "model_kwargs": TINY, "dataset": "digits", **kw})
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "tiny"
-    card = train_teacher("deit_tiny_patch16_224", TINY, "digits", epochs=1, batch_size=128, lr=1e-3, seed=0,
-                         out_path=out, warmup_epochs=0, progress=False, log=lambda line: None)
+    card = train_teacher(tiny(epochs=1, batch_size=128, lr=1e-3, seed=0, warmup_epochs=0), out, progress=False,
+                         log=lambda line: None)
     return out, card
 
 
@@ -52,9 +59,8 @@ def test_card_detects_foreign_weights(trained, tmp_path):
 
 
 def test_fp16_weights_load_back_as_fp32(tmp_path):
-    card = train_teacher("deit_tiny_patch16_224", TINY, "digits", epochs=1, batch_size=256, seed=1,
-                         out_path=tmp_path / "half", max_steps_per_epoch=1, progress=False, fp16=True,
-                         log=lambda line: None)
+    card = train_teacher(tiny(epochs=1, batch_size=256, seed=1, max_steps_per_epoch=1, fp16=True), tmp_path / "half",
+                         progress=False, log=lambda line: None)
     model = load_teacher(tmp_path / "half.json")
     assert card["weights_dtype"] == "float16"
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -80,12 +86,13 @@ def test_warmup_cosine_schedule():
 
 
 def test_cli_helpers_and_errors(tmp_path):
-    assert parse_set(["embed_dim=96", "name=abc", "flag=true"]) == {"embed_dim": 96, "name": "abc", "flag": True}
+    assert parse_overrides(["embed_dim=96", "name=abc", "flag=true", "uvc.glr=0.5"]) == {
+        "embed_dim": 96, "name": "abc", "flag": True, "uvc": {"glr": 0.5}}
     with pytest.raises(UvclabError, match="key=value"):
-        parse_set(["embed_dim"])
-    recipe = {"model_name": "m", "dataset": "digits", "epochs": 2, "model_kwargs": {"depth": 2}, "augment": False}
-    assert cli_command(recipe, "out") == "uvclab teacher --model m --dataset digits --epochs 2 --no-augment " \
-                                         "--set depth=2 --out out"
+        parse_overrides(["embed_dim"])
+    cfg = TeacherConfig(model="m", dataset="digits", epochs=2, model_kwargs={"depth": 2}, augment=False)
+    assert cli_command(cfg, "out") == "uvclab teacher --model m --dataset digits --set epochs=2 " \
+                                      "--set augment=false --set depth=2 --out out"
     with pytest.raises(UvclabError, match="does not exist"):
         load_teacher(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{}")
@@ -107,12 +114,22 @@ def test_teacher_cli_runs(tmp_path, capsys):
 
 def test_init_continues_from_a_teacher_and_never_returns_a_worse_one(trained, tmp_path):
     start, card0 = trained
-    card = train_teacher("deit_tiny_patch16_224", TINY, "digits", epochs=1, batch_size=128, lr=1e-9, seed=1,
-                         out_path=tmp_path / "cont", warmup_epochs=0, progress=False, log=lambda line: None,
-                         init=str(start) + ".json")
+    card = train_teacher(tiny(epochs=1, batch_size=128, lr=1e-9, seed=1, warmup_epochs=0, init=str(start) + ".json"),
+                         tmp_path / "cont", progress=False, log=lambda line: None)
     assert card["parents"][-1]["weights_sha256"] == card0["weights_sha256"]
     assert card["val_top1"] >= card0["val_top1"]              # the start point competes for the best epoch
-    assert card["recipe"]["init"].endswith("tiny.json") and "--init" in card["command"]
+    assert card["recipe"]["init"].endswith("tiny.json") and "init=" in card["command"]
     with pytest.raises(UvclabError, match="does not match"):
-        train_teacher("deit_tiny_patch16_224", dict(TINY, embed_dim=32), "digits", epochs=1, out_path=tmp_path / "x",
-                      progress=False, log=lambda line: None, init=str(start) + ".json")
+        train_teacher(tiny(epochs=1, model_kwargs=dict(TINY, embed_dim=32), init=str(start) + ".json"), tmp_path / "x",
+                      progress=False, log=lambda line: None)
+
+
+def test_teacher_config_from_yaml_and_set(tmp_path):
+    from uvclab.engine.config import load_teacher_config
+    (tmp_path / "t.yaml").write_text("dataset: digits\nepochs: 3\nmodel_kwargs: {depth: 2}\n")
+    cfg = load_teacher_config(tmp_path / "t.yaml", ["embed_dim=48", "lr=3e-4", "model_kwargs.num_heads=3"])
+    assert cfg.epochs == 3 and cfg.lr == 3e-4 and cfg.model_kwargs == {"depth": 2, "embed_dim": 48, "num_heads": 3}
+    cfg.save(tmp_path / "out.yaml")
+    assert load_teacher_config(tmp_path / "out.yaml") == cfg                  # YAML in, YAML out
+    with pytest.raises(UvclabError, match="must be a number"):
+        load_teacher_config(None, ["lr=fast"])

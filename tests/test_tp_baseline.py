@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("torch_pruning")
 
 from uvclab.errors import UvclabError  # noqa: E402
-from uvclab.budget import flop_counter_macs  # noqa: E402
-from uvclab.tp_baseline import torch_pruning_to_budget  # noqa: E402
+from uvclab.vit.macs import flop_counter_macs  # noqa: E402
+from uvclab.prune.tp import torch_pruning_to_budget  # noqa: E402
 
 
 def tiny_vit(depth=2, num_heads=3, embed_dim=48):

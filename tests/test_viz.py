@@ -14,11 +14,13 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from conftest import random_structure, small_vit  # noqa: E402
-from uvclab import UvclabError, viz  # noqa: E402
-from uvclab.baselines import uniform_structure  # noqa: E402
-from uvclab.budget import count  # noqa: E402
-from uvclab.structure import Structure  # noqa: E402
-from uvclab.widgets import explorer, render_run  # noqa: E402
+from uvclab import UvclabError  # noqa: E402
+from uvclab.compare import runs as run_files  # noqa: E402
+from uvclab.ui import viz  # noqa: E402
+from uvclab.prune.baselines import uniform_structure  # noqa: E402
+from uvclab.vit.macs import count  # noqa: E402
+from uvclab.vit.structure import Structure  # noqa: E402
+from uvclab.ui.widgets import explorer, render_run  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +46,7 @@ def fake_metrics(structure: Structure, budget: float, steps: int = 40, warmup: i
     for step in range(steps):
         t = max(0.0, (step - warmup) / (steps - warmup))          # 0 during warm-up, then -> 1
         recs.append(dict(stage="search", step=step, epoch=step // steps_per_epoch, warmup=step < warmup,
-                         macs_ratio=1 - (1 - budget) * t ** 0.5, budget=budget, z=0.5 * t * math.exp(-2 * t),
+                         expected_macs_ratio=1 - (1 - budget) * t ** 0.5, budget=budget, z=0.5 * t * math.exp(-2 * t),
                          heads_removed=[math.ceil(t * l / L * H / 2) for l in range(L)],
                          neurons_removed=[math.ceil(t * (l + 1) / L * M / 2) for l in range(L)],
                          dims_removed=[[math.ceil(t * h / H * Dh / 2) for h in range(H)] for _ in range(L)],
@@ -52,8 +54,8 @@ def fake_metrics(structure: Structure, budget: float, steps: int = 40, warmup: i
                          y_heads=[0.0] * L, y_neurons=[0.0] * L, p_mean=[0.0] * L, loss=2 - t, lr=1e-3))
         if step % steps_per_epoch == steps_per_epoch - 1:
             recs.append(dict(stage="search_epoch", epoch=step // steps_per_epoch, val_top1_hard=50 + 30 * t,
-                             macs_ratio=recs[-1]["macs_ratio"], z=recs[-1]["z"],
-                             structure_macs_ratio=recs[-1]["macs_ratio"] - 0.02))
+                             expected_macs_ratio=recs[-1]["expected_macs_ratio"], z=recs[-1]["z"],
+                             structure_macs_ratio=recs[-1]["expected_macs_ratio"] - 0.02))
     recs.append(dict(stage="finetune_epoch", epoch=-1, val_top1=70.0))
     for e in range(3):
         recs.append(dict(stage="finetune_epoch", epoch=e, loss=1.0 / (e + 1), val_top1=75.0 + e,
@@ -67,8 +69,8 @@ def write_run(folder, model, structure: Structure, budget: float, dataset="digit
     dense, mine = count(model), count(model, structure)
     (folder / "config.yaml").write_text(f"dataset: {dataset}\nmacs_ratio: {budget}\n")
     structure.save(folder / "structure.json")
-    report = dict(uvclab_version="0.1.0", model=model.uvclab_config, dataset=dataset, teacher_top1=teacher,
-                  top1=top1, val_top1=top1 + 1, val_top1_after_search=top1 - 10, macs_ratio_target=budget,
+    report = dict(uvclab_version="0.2.0", method="uvc", model=model.uvclab_config, dataset=dataset,
+                  teacher_top1=teacher, top1=top1, val_top1=top1 + 1, val_top1_before_finetune=top1 - 10, budget=budget,
                   macs=mine["macs"], dense_macs=dense["macs"], macs_ratio=mine["macs"] / dense["macs"],
                   params=mine["params"], dense_params=dense["params"],
                   params_ratio=mine["params"] / dense["params"], blocks_kept=sum(b.keep for b in structure.blocks),
@@ -105,40 +107,54 @@ def assert_labelled(fig):
 
 def test_read_runs_and_metrics(runs):
     root, reports = runs
-    df = viz.read_runs(root)
+    df = run_files.read_runs(root)
     assert sorted(df["name"]) == sorted(reports)
     assert {"path", "model_name", "macs_ratio", "top1", "dataset"} <= set(df.columns)
-    assert viz.read_runs(root / "nothing_here").empty
-    m = viz.read_metrics(root / "uvc_050")
+    assert run_files.read_runs(root / "nothing_here").empty
+    m = run_files.read_metrics(root / "uvc_050")
     assert set(m["stage"]) == {"search", "search_epoch", "finetune_epoch"}
-    assert m.attrs["num_heads"] == 6 and viz.read_report(root / "uvc_050")["macs_ratio_target"] == 0.5
+    assert m.attrs["num_heads"] == 6 and run_files.read_report(root / "uvc_050")["budget"] == 0.5
+
+
+def test_run_folders_of_earlier_versions_read_with_current_keys(runs):
+    root, _ = runs
+    run = root / "uvc_050"
+    rep = json.loads((run / "report.json").read_text())
+    rep["macs_ratio_target"], rep["val_top1_after_search"] = rep.pop("budget"), rep.pop("val_top1_before_finetune")
+    (run / "report.json").write_text(json.dumps(rep))
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({("macs_ratio" if k == "expected_macs_ratio" else k): v
+                                                           for k, v in r.items()}) + "\n" for r in lines))
+    r = run_files.read_report(run)
+    assert r["budget"] == 0.5 and r["val_top1_before_finetune"] == rep["val_top1_after_search"]
+    assert "expected_macs_ratio" in run_files.read_metrics(run)
 
 
 def test_read_runs_merges_the_run_settings(runs):
     root, _ = runs
     (root / "uvc_070" / "config.yaml").write_text("dataset: digits\nmacs_ratio: 0.7\nkd: none\nsearch_epochs: 3\n"
                                                   "uvc:\n  block_skip: false\n  count_lr: 0.05\n")
-    df = viz.read_runs(root).set_index("name")
+    df = run_files.read_runs(root).set_index("name")
     assert df.loc["uvc_070", "method"] == "uvc_prune_only_no_kd" and df.loc["uvc_050", "method"] == "uvc"
     assert df.loc["uvc_070", "kd"] == "none" and df.loc["uvc_070", "search_epochs"] == 3
     assert df.loc["uvc_070", "uvc.block_skip"] == False and df.loc["uvc_070", "uvc.count_lr"] == 0.05  # noqa: E712
     assert df.loc["uvc_070", "dataset"] == "digits"               # the report's own fields win
     rep = json.loads((root / "uvc_050" / "report.json").read_text())
     (root / "uvc_050" / "report.json").write_text(json.dumps(dict(rep, method="magnitude")))
-    assert viz.read_runs(root).set_index("name").loc["uvc_050", "method"] == "magnitude"   # benchmark runs
+    assert run_files.read_runs(root).set_index("name").loc["uvc_050", "method"] == "magnitude"   # benchmark runs
 
 
 @pytest.mark.parametrize("cfg, label", [({}, "uvc"), ({"kd": "hard"}, "uvc_hard_kd"),
                                         ({"uvc": {"prune": False}}, "uvc_skip_only"),
                                         ({"uvc": {"block_skip": False}, "kd": "none"}, "uvc_prune_only_no_kd")])
 def test_method_label_names_the_benchmark_variants(cfg, label):
-    from uvclab.benchmark import UVC_METHODS
-    assert viz.method_label(cfg) == label
-    for name, overrides in UVC_METHODS.items():   # the benchmark's variants get their own names back
+    from uvclab.compare.benchmark import VARIANTS
+    assert run_files.method_label(cfg) == label
+    for name, overrides in VARIANTS.items():   # the benchmark's variants get their own names back
         cfg = {"uvc": {}}
         for k, v in overrides.items():
             (cfg["uvc"] if k.startswith("uvc.") else cfg)[k.removeprefix("uvc.")] = v
-        assert viz.method_label(cfg) == name
+        assert run_files.method_label(cfg) == name
 
 
 def test_compact_png_is_a_smaller_png_of_the_same_size():
@@ -158,14 +174,14 @@ def test_compact_png_is_a_smaller_png_of_the_same_size():
 
 def test_read_metrics_skips_half_written_last_line(runs):
     run = runs[0] / "uvc_050"
-    n = len(viz.read_metrics(run))
+    n = len(run_files.read_metrics(run))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"stage": "search", "st')
-    assert len(viz.read_metrics(run)) == n
+    assert len(run_files.read_metrics(run)) == n
 
 
 def test_trace_count_gate_plots(runs):
-    m = viz.read_metrics(runs[0] / "uvc_050")
+    m = run_files.read_metrics(runs[0] / "uvc_050")
     for fig in (viz.plot_search_trace(m), viz.plot_counts(m), viz.plot_gates(m)):
         assert_labelled(fig)
     # kept counts: the last step's kept heads of layer L-1 equal H - removed

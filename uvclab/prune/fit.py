@@ -1,52 +1,19 @@
-"""End of UVC's stage 1: turn counts, scores and gates into a Structure that provably fits the budget.
+"""Fit a structure into a MACs budget: greedy trim and refill on the *exported* layout's count.
 
-The reference code leaves this to a hand-picked checkpoint (method doc 3.5). Here it is automatic:
-`structure_from_counts` reads the ceil(s), ceil(r) smallest groups and the argmax skip decisions, then
-`fit_to_budget` counts the *exported* layout and greedily trims (least important groups per MAC saved)
-until the structure is within the budget, and refills (most important per MAC) until it lands in
-[B - slack, B].
+`fit_to_budget` trims the least important groups per MAC saved until the structure is within the budget,
+then refills the most important per MAC until it lands in [B - slack, B]. Used by UVC's structure
+selection (docs/method.md §3.5) and by the one-shot baselines (global magnitude pruning ranks by raw score).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 
 import torch
 
-from .budget import DEFAULT_LAYOUT, Layout, VitShape, block_macs
-from .errors import UvclabError
-from .structure import BlockStructure, Structure
-
-
-def _keep_largest(scores: torch.Tensor, n_keep: int) -> list[int]:
-    return sorted(scores.topk(max(n_keep, 0)).indices.tolist())
-
-
-def structure_from_counts(shape: VitShape, dim_scores: torch.Tensor, head_scores: torch.Tensor,
-                          neuron_scores: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
-                          keep: torch.Tensor, tie_qk: bool = False, dims_multiple: int = 1) -> Structure:
-    """Kept = everything but the ceil(count) lowest-scoring groups; keep (L,) bool = block runs. Kept value
-    dims per head are rounded to the nearest multiple of `dims_multiple` (at least one multiple, at most all)."""
-    H, Dh, M = shape.num_heads, shape.head_dim, shape.mlp_hidden
-    blocks = []
-    for l in range(shape.depth):
-        heads = _keep_largest(head_scores[l], H - int(math.ceil(s[l, 0].item())))
-        v_dims = [_keep_largest(dim_scores[l, h], _round_to(Dh - int(math.ceil(r[l, h].item())), dims_multiple, Dh))
-                  for h in heads]
-        qk_dims = [d[:] for d in v_dims] if tie_qk else [list(range(Dh)) for _ in heads]
-        mlp = _keep_largest(neuron_scores[l], M - int(math.ceil(s[l, 1].item())))
-        blocks.append(BlockStructure(heads, qk_dims, v_dims, mlp, keep=bool(keep[l])))
-    return Structure(shape.embed_dim, H, Dh, M, blocks)
-
-
-def _round_to(n: int, multiple: int, full: int) -> int:
-    """n rounded to the nearest multiple (halves up), within [min(multiple, full), full]; `full` itself is
-    always allowed (a head kept whole)."""
-    if multiple <= 1:
-        return n
-    r = int(math.floor(n / multiple + 0.5)) * multiple
-    return full if r >= full or full - n < abs(n - r) else max(min(multiple, full), r)
+from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, VitShape, block_macs
+from uvclab.errors import UvclabError
+from uvclab.vit.structure import BlockStructure, Structure
 
 
 class _Fitter:

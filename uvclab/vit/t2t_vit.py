@@ -22,7 +22,7 @@ from timm.layers import Format, Mlp, to_2tuple, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from .errors import UvclabError
+from uvclab.errors import UvclabError
 
 __all__ = ["T2TStem", "TokenTransformer", "T2TViT", "load_official_t2t_checkpoint", "sinusoid_table"]
 

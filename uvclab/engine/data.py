@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import UvclabError
-from .paths import data_dir
+from uvclab.errors import UvclabError
+from uvclab.paths import data_dir
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -283,3 +283,37 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=num_workers > 0)
+
+
+def model_kwargs_for_data(name: str, model_kwargs: dict, splits: Splits) -> dict:
+    """timm's convention: the data decides `in_chans`, `num_classes` and `img_size` unless the user set them;
+    where they are set and disagree with the data, a clear error names the mismatch and the fix."""
+    kwargs = {"img_size": splits.img_size, "in_chans": splits.in_chans, "num_classes": splits.num_classes}
+    for key, data_value in (("in_chans", splits.in_chans), ("num_classes", splits.num_classes)):
+        if key in model_kwargs and model_kwargs[key] != data_value:
+            raise UvclabError(f"{name}: {key}={model_kwargs[key]} but {splits.name} has {key}={data_value}; "
+                              f"drop the {key} setting (the data decides it) or use other data.")
+    if "img_size" in model_kwargs and model_kwargs["img_size"] != splits.img_size:
+        raise UvclabError(f"{name}: img_size={model_kwargs['img_size']} but the {splits.name} images are "
+                          f"{splits.img_size}x{splits.img_size}; load the data at the model's size.")
+    kwargs.update(model_kwargs)
+    return kwargs
+
+
+def check_model_fits_data(model: torch.nn.Module, name: str, splits: Splits) -> None:
+    """One forward pass on a real image; a model/data mismatch becomes one clear error instead of a deep
+    RuntimeError (e.g. a 16-pixel patch on 8x8 images, a 3-channel stem on grey images)."""
+    x, _ = splits.val[0]
+    try:
+        with torch.no_grad():
+            out = model.eval()(x[None].to(next(model.parameters()).device))
+    except RuntimeError as e:
+        raise UvclabError(
+            f"{name} does not fit the {splits.name} images ({splits.in_chans}x{splits.img_size}x{splits.img_size}): "
+            f"{str(e).splitlines()[0]}. Set model_kwargs to match the data, e.g. "
+            f"--set model_kwargs.img_size=224 (resize the images) or --set model_kwargs.patch_size=N "
+            f"(a patch that divides {splits.img_size}).") from None
+    logits = out[0] if isinstance(out, tuple) else out
+    if logits.shape[-1] != splits.num_classes:
+        raise UvclabError(f"{name} has {logits.shape[-1]} outputs but {splits.name} has {splits.num_classes} "
+                          "classes; drop num_classes from model_kwargs (the data decides it).")

@@ -15,8 +15,8 @@ from typing import Literal, Optional
 import pandas as pd
 import torch
 
-from .errors import UvclabError
-from .structure import BlockStructure, Structure
+from uvclab.errors import UvclabError
+from uvclab.vit.structure import BlockStructure, Structure
 
 Layout = Literal["fused", "compact"]
 LAYOUTS = ("fused", "compact")
@@ -207,8 +207,8 @@ def flop_counter_macs(model: torch.nn.Module, shape: Optional[tuple[int, int, in
     a count independent of this calculator, for any model (ours, exported, or pruned by another tool)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .gated_vit import explicit_attention
-    from .models import input_shape
+    from uvclab.vit.gated import explicit_attention
+    from uvclab.vit.models import input_shape
     p = next(model.parameters())
     x = torch.zeros(1, *(shape or input_shape(model)), dtype=p.dtype, device=p.device)
     was = model.training

@@ -22,7 +22,7 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .models import check_supported
+from uvclab.vit.models import check_supported
 
 
 class GatedAttention(Attention):

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from .budget import count, vit_shape
-from .models import input_shape
+from uvclab.vit.macs import count, vit_shape
+from uvclab.vit.models import input_shape
 
 
 @dataclass
@@ -64,7 +64,7 @@ def compare_throughput(dense: torch.nn.Module, exported: torch.nn.Module, batch_
     dm = dense_macs if dense_macs is not None else count(vit_shape(dense))["macs"]
     em = exported_macs
     if em is None:
-        from .structure import Structure
+        from uvclab.vit.structure import Structure
         meta = exported.uvclab_export
         em = count(vit_shape(dense), Structure.from_dict(meta["structure"]), meta["layout"])["macs"]
     speedup = td_med / te_med

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .errors import UvclabError
+from uvclab.errors import UvclabError
 
 KINDS = ("soft", "hard", "none")
 REDUCTIONS = ("batchmean", "numel")

@@ -8,7 +8,6 @@ neurons) and r (head dims), block keep gates.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -18,95 +17,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from .errors import UvclabError
-from .structure import Structure
+from uvclab.errors import UvclabError
+from uvclab.vit.structure import Structure
 
 DPI = 90
 KEPT, PRUNED, SKIPPED = "#2b5d8a", "#f2f2f2", "#b0b0b0"   # kept / pruned cells, hatch of skipped rows
 LABELS = {"macs_ratio": "MACs ratio (fraction of dense)", "params_ratio": "params ratio (fraction of dense)",
-          "macs_ratio_target": "MACs budget (fraction of dense)", "top1": "test top-1 (%)",
+          "budget": "MACs budget (fraction of dense)", "top1": "test top-1 (%)",
           "val_top1": "validation top-1 (%)", "teacher_top1": "teacher top-1 (%)", "latency_ms": "latency (ms)",
           "macs": "MACs", "params": "parameters"}
-
-
-# ---- readers --------------------------------------------------------------------------------------
-
-def read_report(run_dir: str | Path) -> dict:
-    """The run's report.json as a dict."""
-    path = Path(run_dir) / "report.json"
-    if not path.is_file():
-        raise UvclabError(f"No report.json in '{run_dir}'. Point at a folder written by `uvclab compress` "
-                          "(the run may still be in progress).")
-    return json.loads(path.read_text())
-
-
-def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """metrics.jsonl as a DataFrame, one row per record (column `stage`: search | search_epoch | finetune_epoch).
-
-    List-valued fields (per-layer counts, gates) stay lists. A half-written last line (run in progress) is
-    skipped. When structure.json is present, `df.attrs` holds num_heads, head_dim and mlp_hidden so that
-    `plot_counts` can show kept (not removed) counts.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise UvclabError(f"No metrics.jsonl in '{run_dir}'. Point at a folder written by `uvclab compress`.")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    records = []
-    for i, ln in enumerate(lines):
-        try:
-            records.append(json.loads(ln))
-        except json.JSONDecodeError as e:
-            if i < len(lines) - 1:
-                raise UvclabError(f"{path} line {i + 1} is not JSON ({e}); the file is corrupt.") from e
-    df = pd.DataFrame.from_records(records)
-    if (run_dir / "structure.json").is_file():
-        s = Structure.load(run_dir / "structure.json")
-        df.attrs.update(num_heads=s.num_heads, head_dim=s.head_dim, mlp_hidden=s.mlp_hidden)
-    return df
-
-
-def method_label(config: Mapping) -> str:
-    """The benchmark's name for what a `uvclab compress` config does: 'uvc', plus '_prune_only' (no block
-    skipping) or '_skip_only' (no pruning inside blocks), plus '_hard_kd' or '_no_kd' when not soft KD."""
-    uvc = config.get("uvc", {}) or {}
-    prune, skip = uvc.get("prune", True), uvc.get("block_skip", True)
-    name = "uvc" + {(True, True): "", (True, False): "_prune_only", (False, True): "_skip_only"}.get(
-        (prune, skip), "_nothing")
-    kd = config.get("kd", "soft")
-    return name + {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
-
-
-def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
-    """One row per finished run folder under `runs_root` (any depth; default `paths.runs_dir()`, i.e.
-    $UVCLAB_RUNS or ./runs): report fields, model_name, model_kwargs (JSON), name (folder), path, and the
-    run's settings from config.yaml where the report lacks them (`kd`, `warmup_epochs`, ..., `uvc.prune`,
-    `uvc.block_skip`, ...). `method` is the report's (benchmark runs) or `method_label(config)`.
-
-    Sorted by dataset, model and MACs budget; empty (with those columns) when there is none.
-    """
-    import yaml
-    from .paths import runs_dir
-    rows = []
-    for rep in sorted(Path(runs_root or runs_dir()).glob("**/report.json")):
-        try:
-            r = json.loads(rep.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue                                   # being written or corrupt: not a finished run
-        cfg_path = rep.parent / "config.yaml"
-        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
-        settings = {k: v for k, v in cfg.items() if k not in ("uvc", "model_kwargs")}
-        settings.update({f"uvc.{k}": v for k, v in (cfg.get("uvc") or {}).items()})
-        model = r.pop("model", {}) or {}
-        r.setdefault("method", method_label(cfg) if cfg else None)
-        rows.append(dict({k: v for k, v in settings.items() if k not in r}, **r, model_name=model.get("name"),
-                         model_kwargs=json.dumps(model.get("kwargs", {})), name=rep.parent.name,
-                         path=str(rep.parent)))
-    cols = ["dataset", "model_name", "macs_ratio_target", "method", "name", "path"]
-    if not rows:
-        return pd.DataFrame(columns=cols)
-    return pd.DataFrame(rows).sort_values(["dataset", "model_name", "macs_ratio_target", "name"],
-                                          ignore_index=True)
 
 
 def compact_png(fig: Figure, dpi: Optional[float] = None) -> bytes:
@@ -179,7 +98,7 @@ def plot_search_trace(metrics_df: pd.DataFrame) -> Figure:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=DPI, sharex=True, layout="constrained")
     _shade_warmup(a1, s)
     _shade_warmup(a2, s)
-    a1.plot(s["step"], s["macs_ratio"], color="C0", lw=1.5, label="expected MACs ratio R")
+    a1.plot(s["step"], s["expected_macs_ratio"], color="C0", lw=1.5, label="expected MACs ratio R")
     a1.plot(s["step"], s["budget"], color="k", ls="--", lw=1.2, label="budget B")
     ep = metrics_df[metrics_df["stage"] == "search_epoch"] if "stage" in metrics_df else pd.DataFrame()
     if not ep.empty and "structure_macs_ratio" in ep:
@@ -399,3 +318,19 @@ def plot_accuracy_bars(df: pd.DataFrame, label_col: str, value_col: str = "top1"
     ax.set(xlabel=label_col.replace("_", " "), ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, axis="y")
     return fig
+
+
+def write_results(df: pd.DataFrame, results_dir: str | Path, name: str, note: str = "") -> dict[str, Path]:
+    """`<name>.csv`, `<name>.md` (summary table, `note` above it) and `<name>_pareto.png` in results_dir."""
+    from uvclab.compare.benchmark import markdown_table, summary_table
+    from uvclab.io_utils import atomic_write_text
+    d = Path(results_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": d / f"{name}.csv", "md": d / f"{name}.md", "png": d / f"{name}_pareto.png"}
+    atomic_write_text(paths["csv"], df.to_csv(index=False, float_format="%.4f"))
+    atomic_write_text(paths["md"], (note + "\n\n" if note else "") + markdown_table(df))
+    s = summary_table(df)
+    fig = plot_pareto(s, x="macs_ratio", y="top1", hue="method", err="top1_std",
+                      teacher=float(df["teacher_top1"].iloc[0]) if len(df) else None)
+    fig.savefig(paths["png"])
+    return paths

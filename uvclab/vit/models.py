@@ -17,7 +17,7 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .errors import UvclabError
+from uvclab.errors import UvclabError
 
 
 def _known_names() -> list[str]:
@@ -89,7 +89,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_state_dict_file(model: torch.nn.Module, path: str | Path) -> None:
     """Load a local weights file strictly; a mismatch names the keys and the likely fix."""
-    from .t2t_vit import T2TViT, load_official_t2t_checkpoint
+    from uvclab.vit.t2t_vit import T2TViT, load_official_t2t_checkpoint
     if isinstance(model, T2TViT):  # official T2T-ViT release files (tokens_to_token.*, EMA) or uvclab layout
         load_official_t2t_checkpoint(model, path)
         return

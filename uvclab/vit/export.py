@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .budget import DEFAULT_LAYOUT, Layout, count, head_widths
-from .errors import UvclabError
-from .io_utils import atomic_write, atomic_write_text
-from .structure import BlockStructure, Structure
+from uvclab import __version__
+from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, count, head_widths
+from uvclab.errors import UvclabError
+from uvclab.io_utils import atomic_write, atomic_write_text
+from uvclab.vit.structure import BlockStructure, Structure
 
 
 class SlimAttention(nn.Module):
@@ -150,7 +150,7 @@ def count_exported(model: nn.Module) -> dict[str, int]:
 
 
 def _skeleton_base(cfg: dict) -> nn.Module:
-    from .models import create_vit
+    from uvclab.vit.models import create_vit
     with torch.device("meta"):
         return create_vit(cfg["name"], **cfg.get("kwargs", {}))
 
@@ -158,7 +158,7 @@ def _skeleton_base(cfg: dict) -> nn.Module:
 def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild an exported model from `save_pruned`'s folder; no pickle is involved."""
     from safetensors.torch import load_file
-    from .models import create_vit
+    from uvclab.vit.models import create_vit
     path = Path(path)
     if path.is_file():
         path = path.parent

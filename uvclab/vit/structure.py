@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .errors import UvclabError
+from uvclab.errors import UvclabError
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Structure:
         return s
 
     def save(self, path: str | Path) -> None:
-        from .io_utils import atomic_write_text
+        from uvclab.io_utils import atomic_write_text
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
@@ -150,7 +150,7 @@ class Structure:
 
 def apply_structure(model: torch.nn.Module, structure: Structure) -> torch.nn.Module:
     """Set a gated model's gates to the structure's hard 0/1 masks (the 'masked gated model')."""
-    from .gated_vit import gate_vit
+    from uvclab.vit.gated import gate_vit
     structure.validate(model)
     gate_vit(model)
     p = next(model.parameters())

@@ -11,10 +11,10 @@ import torch
 
 from typing import Callable, Optional
 
-from .budget import DEFAULT_LAYOUT, Layout, check_budget, count, structure_macs, vit_shape
-from .errors import UvclabError
-from .select import fit_to_budget
-from .structure import BlockStructure, Structure
+from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, check_budget, count, structure_macs, vit_shape
+from uvclab.errors import UvclabError
+from uvclab.prune.fit import fit_to_budget
+from uvclab.vit.structure import BlockStructure, Structure
 
 
 def _ranked(scores: torch.Tensor, k: int) -> list[int]:

@@ -16,11 +16,12 @@ import ipywidgets as W
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from .budget import count, vit_shape
-from .errors import UvclabError
-from .paths import runs_dir
-from .structure import Structure
-from .viz import plot_masks, read_report, read_runs
+from uvclab.vit.macs import count, vit_shape
+from uvclab.errors import UvclabError
+from uvclab.paths import runs_dir
+from uvclab.vit.structure import Structure
+from uvclab.compare.runs import read_report, read_runs
+from uvclab.ui.viz import plot_masks
 
 _CARD = ('<div style="display:inline-block;margin:0 22px 6px 0">'
          '<div style="font-size:26px;font-weight:600;line-height:1.1">{value}</div>'
@@ -65,12 +66,12 @@ def _summary_table(structure: Structure) -> str:
 def render_structure(structure: Structure, numbers: dict, title: str = "") -> tuple[str, Figure]:
     """HTML (headline numbers in large type + per-block summary table) and the mask figure.
 
-    `numbers` may hold macs_ratio, macs_ratio_target, params_ratio, top1, teacher_top1 (percent), blocks_kept;
+    `numbers` may hold macs_ratio, budget, params_ratio, top1, teacher_top1 (percent), blocks_kept;
     missing ones (None) get no card.
     """
     n = numbers
     blocks = n.get("blocks_kept", sum(b.keep for b in structure.blocks))
-    cards = [("MACs ratio", n.get("macs_ratio"), ".3f"), ("budget", n.get("macs_ratio_target"), ".2f"),
+    cards = [("MACs ratio", n.get("macs_ratio"), ".3f"), ("budget", n.get("budget"), ".2f"),
              ("params ratio", n.get("params_ratio"), ".3f"), ("top-1 %", n.get("top1"), ".2f"),
              ("teacher top-1 %", n.get("teacher_top1"), ".2f")]
     cards = [(k, format(v, spec)) for k, v, spec in cards if v is not None]
@@ -94,11 +95,11 @@ def render_run(run_dir: str | Path) -> tuple[str, Figure]:
 
 def render_uniform(model, macs_ratio: float) -> tuple[str, Figure]:
     """(HTML, mask Figure) of `uniform_structure(model, macs_ratio)`, computed now (no accuracy)."""
-    from .baselines import uniform_structure
+    from uvclab.prune.baselines import uniform_structure
     st = uniform_structure(model, macs_ratio)
     shape = vit_shape(model)
     dense, mine = count(shape), count(shape, st)
-    numbers = dict(macs_ratio=mine["macs"] / dense["macs"], macs_ratio_target=macs_ratio,
+    numbers = dict(macs_ratio=mine["macs"] / dense["macs"], budget=macs_ratio,
                    params_ratio=mine["params"] / dense["params"])
     return render_structure(st, numbers, f"uniform structure at budget {macs_ratio:.2f} (live, untrained)")
 
@@ -124,8 +125,8 @@ def _families(runs, root: Path) -> dict[str, list[tuple[str, str]]]:
     runs["folder"] = rel
     fam: dict[str, list[tuple[str, str]]] = {}
     for (ds, name, folder), g in runs.groupby(["dataset", "model_name", "folder"], sort=True):
-        g = g.sort_values(["macs_ratio_target", "name"])
-        labels = [f"{b:.2f}" for b in g["macs_ratio_target"]]
+        g = g.sort_values(["budget", "name"])
+        labels = [f"{b:.2f}" for b in g["budget"]]
         dup = {lb for lb in labels if labels.count(lb) > 1}
         key = f"{ds} / {name}" + ("" if folder == "." else f"  \u00b7  {folder}")
         fam[key] = [(lb + (f" ({r})" if lb in dup else ""), p) for lb, r, p in zip(labels, g["name"], g["path"])]

@@ -13,9 +13,10 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import budget as budget_lib
-from .errors import UvclabError
-from .models import input_shape as _image_shape
+from uvclab.vit import macs as budget_lib
+from uvclab.errors import UvclabError
+from uvclab.vit.models import input_shape as _image_shape
+from uvclab.vit.structure import BlockStructure, Structure
 
 # the linear schedule runs up to this ratio (of heads and of neurons); an MLP is no longer ranked once it has lost
 # this much of its width, and torch-pruning never removes a block's last head or neuron
@@ -116,3 +117,33 @@ def torch_pruning_to_budget(model: torch.nn.Module, macs_ratio: float, batches: 
     pruned.train(was_training)
     pruned.uvclab_tp = {"macs": int(macs), "dense_macs": int(dense), "macs_ratio": macs / dense, "steps": steps}
     return pruned
+
+
+def kept_structure(dense: torch.nn.Module, pruned: torch.nn.Module) -> Structure:
+    """The uvclab Structure of a Torch-Pruning result: which heads and MLP neurons of `dense` survive, found by
+    their exact weight rows (torch-pruning slices weights, it never rewrites them). The embedding width must be
+    unchanged. Exporting `dense` with this structure gives the same model as `pruned`."""
+    s = budget_lib.vit_shape(dense)
+    H, Dh, D = s.num_heads, s.head_dim, s.embed_dim
+    if pruned.patch_embed.proj.out_channels != D:
+        raise UvclabError("The Torch-Pruning model changed the embedding width; only head and neuron pruning "
+                          "(prune_embed=False) maps onto a uvclab Structure.")
+
+    def index_of(rows: torch.Tensor) -> dict[bytes, int]:
+        return {r.numpy().tobytes(): i for i, r in enumerate(rows.detach().float().cpu())}
+
+    blocks = []
+    for bd, bp in zip(dense.blocks, pruned.blocks):
+        q_rows = index_of(bd.attn.qkv.weight[:H * Dh])
+        pq = bp.attn.qkv.weight[:bp.attn.qkv.out_features // 3].detach().float().cpu()
+        heads = sorted({q_rows[pq[i].numpy().tobytes()] // Dh for i in range(0, pq.shape[0], Dh)})
+        fc1 = index_of(bd.mlp.fc1.weight)
+        mlp = sorted(fc1[r.numpy().tobytes()] for r in bp.mlp.fc1.weight.detach().float().cpu())
+        full = list(range(Dh))
+        blocks.append(BlockStructure(heads, [full[:] for _ in heads], [full[:] for _ in heads], mlp))
+    return Structure(D, H, Dh, s.mlp_hidden, blocks)
+
+
+def torch_pruning_structure(model: torch.nn.Module, macs_ratio: float, batches: Iterable, **kwargs) -> Structure:
+    """`torch_pruning_to_budget` expressed as a uvclab Structure of `model` (see `kept_structure`)."""
+    return kept_structure(model, torch_pruning_to_budget(model, macs_ratio, batches, **kwargs))

@@ -11,7 +11,6 @@ re-run, so an interrupted benchmark continues where it stopped.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import multiprocessing as mp
@@ -22,20 +21,25 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from .config import CompressConfig, load_config
-from .errors import UvclabError
-from .io_utils import atomic_write, atomic_write_text
+from uvclab.engine.config import CompressConfig, load_config
+from uvclab.errors import UvclabError
+from uvclab.io_utils import atomic_write_text
 
-UVC_METHODS = {  # config overrides of each UVC variant
-    "uvc": {},
-    "uvc_no_kd": {"kd": "none"},
-    "uvc_prune_only": {"uvc.block_skip": False},
-    "uvc_skip_only": {"uvc.prune": False, "uvc.prune_dims": False},
+VARIANTS = {  # benchmark label -> config overrides; every label runs through the same `compress`
+    "uvc": {"method": "uvc"},
+    "uvc_no_kd": {"method": "uvc", "kd": "none"},
+    "uvc_prune_only": {"method": "uvc", "uvc.block_skip": False},
+    "uvc_skip_only": {"method": "uvc", "uvc.prune": False, "uvc.prune_dims": False},
+    "uniform": {"method": "uniform"},
+    "magnitude": {"method": "magnitude"},
+    "torch_pruning": {"method": "torch_pruning"},
+    "depth": {"method": "depth"},
 }
-ONE_SHOT_METHODS = ("uniform", "magnitude", "torch_pruning", "depth")
-METHODS = tuple(UVC_METHODS) + ONE_SHOT_METHODS
-COLUMNS = ["method", "macs_ratio_target", "macs_ratio", "params_ratio", "top1", "teacher_top1", "speedup", "seed",
-           "val_top1", "macs_ratio_calculator", "blocks_kept", "train_images", "seconds"]
+UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
+ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)
+METHODS = tuple(VARIANTS)
+COLUMNS = ["method", "budget", "macs_ratio", "params_ratio", "top1", "teacher_top1", "speedup", "seed",
+           "val_top1", "val_top1_before_finetune", "macs_ratio_calculator", "blocks_kept", "train_images", "seconds"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,7 @@ class Protocol:
             raise UvclabError(f"Unknown method '{method}'. Choose from: {', '.join(METHODS)}.")
         d = dict(self.config, macs_ratio=budget, seed=seed, progress=False)
         uvc = dict(d.pop("uvc", {}))
-        for k, v in UVC_METHODS.get(method, {}).items():
+        for k, v in VARIANTS[method].items():
             if k.startswith("uvc."):
                 uvc[k[4:]] = v
             else:
@@ -72,107 +76,27 @@ def run_name(method: str, budget: float, seed: int) -> str:
 # ---- one run -------------------------------------------------------------------------------------------
 
 def run_method(method: str, cfg: CompressConfig, out: str | Path) -> dict:
-    """One (method, budget, seed) run into `out`; returns its report (also `out/report.json`)."""
+    """One (method, budget, seed) run into `out` through `compress`; its report gains the benchmark label and
+    MACs counted independently of our calculator (FlopCounterMode on the saved model)."""
+    from uvclab.engine.compress import compress, teacher_path
+    from uvclab.engine.teacher import load_teacher
+    from uvclab.vit.export import load_pruned
+    from uvclab.vit.macs import flop_counter_macs
     out = Path(out)
-    if (out / "report.json").exists():
+    if (out / "report.json").exists() and "macs_independent" in json.loads((out / "report.json").read_text()):
         return json.loads((out / "report.json").read_text())
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    t0 = time.time()
-    if method in UVC_METHODS:
-        from .export import load_pruned
-        from .train import compress
-        report = compress(cfg, out, resume=(out / "checkpoint.pt").exists())
-        slim = load_pruned(out / "model")
-        report = dict(report, train_images=_train_images(cfg, cfg.warmup_epochs + cfg.search_epochs
-                                                          + cfg.finetune_epochs))
-    else:
-        report, slim = _one_shot(method, cfg, out)
-    from .teacher import load_teacher
-    from .budget import flop_counter_macs
-    from .train import teacher_path
+    report = compress(cfg, out, resume=(out / "checkpoint.pt").exists())
+    slim = load_pruned(out / "model")
     teacher = load_teacher(teacher_path(cfg))
     dense = flop_counter_macs(teacher)
-    report.update(method=method, seed=cfg.seed, macs_ratio_calculator=report.get("macs_ratio"),
-                  macs_independent=flop_counter_macs(slim), dense_macs_independent=dense,
-                  seconds=time.time() - t0)
+    report.update(method=method, macs_ratio_calculator=report["macs_ratio"], macs_independent=flop_counter_macs(slim),
+                  dense_macs_independent=dense)
     report["macs_ratio"] = report["macs_independent"] / dense
     report["params_ratio"] = sum(p.numel() for p in slim.parameters()) / sum(p.numel() for p in teacher.parameters())
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     return report
-
-
-def _train_images(cfg: CompressConfig, epochs: int) -> Optional[int]:
-    """Images seen in training (None when epochs are not capped by max_steps_per_epoch)."""
-    return epochs * cfg.max_steps_per_epoch * cfg.batch_size if cfg.max_steps_per_epoch else None
-
-
-def _one_shot(method: str, cfg: CompressConfig, out: Path):
-    """Prune the teacher copy in one shot, then fine-tune for all the epochs UVC trains (same images seen)."""
-    from . import baselines
-    from .budget import count
-    from .export import export_model, save_pruned
-    from .train import MetricsLog, accuracy, build_models, finetune, masked, set_seed
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
-    model, teacher, splits = build_models(cfg)
-    epochs = cfg.warmup_epochs + cfg.search_epochs + cfg.finetune_epochs
-    ft_cfg = dataclasses.replace(cfg, finetune_epochs=epochs)
-    cfg.save(out / "config.yaml")
-    structure = None
-    if method == "torch_pruning":
-        from .tp_baseline import torch_pruning_to_budget
-        from .train import make_epoch_loader
-        plain = copy.deepcopy(teacher).requires_grad_(True)
-        calib = [b for _, b in zip(range(4), make_epoch_loader(splits.train, cfg, -1))]
-        slim = torch_pruning_to_budget(plain, cfg.macs_ratio, calib)
-        for p in slim.parameters():
-            p.requires_grad_(True)
-    else:
-        if method == "uniform":
-            structure = baselines.uniform_structure(model, cfg.macs_ratio, cfg.layout)
-        elif method == "magnitude":
-            structure = baselines.magnitude_structure(model, cfg.macs_ratio, cfg.layout)
-        elif method == "depth":  # greedy on validation accuracy of the masked model (a subset, for time)
-            probe = torch.utils.data.Subset(splits.val, range(min(1024, len(splits.val))))
-
-            def score(st):
-                with masked(model, st):
-                    return accuracy(model, probe)
-            structure = baselines.depth_structure(model, cfg.macs_ratio, score=score)
-        else:
-            raise UvclabError(f"Unknown one-shot method '{method}'. Choose from: {', '.join(ONE_SHOT_METHODS)}.")
-        structure.save(out / "structure.json")
-        slim = export_model(model, structure, cfg.layout)
-    log = MetricsLog(out / "metrics.jsonl")
-    if log.path.exists():
-        log.path.unlink()
-    val_after_prune = accuracy(slim, splits.val)
-    slim, best_val = finetune(ft_cfg, slim, teacher, splits, out, log, None)
-    top1 = accuracy(slim, splits.test)
-    report = {"method": method, "dataset": cfg.dataset, "teacher_top1": accuracy(teacher, splits.test),
-              "top1": top1, "val_top1": best_val, "val_top1_after_prune": val_after_prune,
-              "macs_ratio_target": cfg.macs_ratio, "train_images": _train_images(cfg, epochs),
-              "test_samples": len(splits.test), "val_samples": len(splits.val)}
-    if structure is not None:
-        dense = count(model)
-        c = count(model, structure, cfg.layout)
-        report.update(macs_ratio=c["macs"] / dense["macs"], blocks_kept=sum(b.keep for b in structure.blocks))
-        save_pruned(slim.cpu(), out / "model", extra={"top1": top1})
-    else:
-        report.update(macs_ratio=None, blocks_kept=len(slim.blocks))
-        atomic_write(out / "model.pt", lambda f: torch.save(slim, f))
-    (out / "checkpoint.pt").unlink(missing_ok=True)
-    return report, slim
-
-
-def load_run_model(run_dir: str | Path) -> torch.nn.Module:
-    """The exported model of a run folder (uvclab export, or a whole pickled module for Torch-Pruning)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "model.pt").exists():
-        return torch.load(run_dir / "model.pt", weights_only=False)  # our own file, written by _one_shot
-    from .export import load_pruned
-    return load_pruned(run_dir / "model")
 
 
 # ---- the whole benchmark ---------------------------------------------------------------------------------
@@ -184,7 +108,7 @@ def _job(args) -> dict:
         return run_method(method, cfg, out)
     except Exception as e:  # one failed run must not lose the others: recorded, reported, re-run next time
         atomic_write_text(Path(out) / "error.txt", f"{type(e).__name__}: {e}\n")
-        return {"method": method, "macs_ratio_target": cfg.macs_ratio, "seed": cfg.seed, "error": str(e)}
+        return {"method": method, "budget": cfg.macs_ratio, "seed": cfg.seed, "error": str(e)}
 
 
 def run_jobs(jobs: list[tuple[str, CompressConfig, Path]], workers: int = 1, log=print) -> list[dict]:
@@ -202,7 +126,7 @@ def run_jobs(jobs: list[tuple[str, CompressConfig, Path]], workers: int = 1, log
             done.append(r)
             msg = (f"error: {r['error']}" if "error" in r else
                    f"top1 {r['top1']:.2f}  MACs {r['macs_ratio']:.3f}  {r['seconds']:.0f}s")
-            log(f"[{i}/{len(args)}] {r['method']} B={r['macs_ratio_target']} seed {r['seed']}: {msg}")
+            log(f"[{i}/{len(args)}] {r['method']} B={r['budget']} seed {r['seed']}: {msg}")
     finally:
         if pool is not None:
             pool.close()
@@ -212,7 +136,7 @@ def run_jobs(jobs: list[tuple[str, CompressConfig, Path]], workers: int = 1, log
 
 def best_baseline(reports: list[dict], budget: float) -> Optional[str]:
     """The one-shot method with the best validation accuracy at `budget` (test is never used to choose)."""
-    cands = [r for r in reports if r.get("method") in ONE_SHOT_METHODS and r.get("macs_ratio_target") == budget
+    cands = [r for r in reports if r.get("method") in ONE_SHOT_METHODS and r.get("budget") == budget
              and "val_top1" in r]
     return max(cands, key=lambda r: r["val_top1"])["method"] if cands else None
 
@@ -240,9 +164,10 @@ def run_benchmark(protocol: Protocol, out: str | Path, workers: int = 1, log=pri
 def measure_speed(runs: Path, protocol: Protocol, log=print) -> None:
     """Throughput of every finished run's model vs the dense teacher, one process, alternating rounds, with
     `protocol.speed_threads` torch threads; writes `speed.json` next to each report (skipped when present)."""
-    from .bench import compare_throughput
-    from .teacher import load_teacher
-    from .train import teacher_path
+    from uvclab.compare.throughput import compare_throughput
+    from uvclab.engine.compress import teacher_path
+    from uvclab.engine.teacher import load_teacher
+    from uvclab.vit.export import load_pruned
     teachers = {}
     threads = torch.get_num_threads()
     if protocol.speed_threads:
@@ -255,7 +180,7 @@ def measure_speed(runs: Path, protocol: Protocol, log=print) -> None:
             path = teacher_path(load_config(rep.parent / "config.yaml"))
             if path not in teachers:
                 teachers[path] = load_teacher(path)
-            res = compare_throughput(teachers[path], load_run_model(rep.parent), protocol.speed_batch_size,
+            res = compare_throughput(teachers[path], load_pruned(rep.parent / "model"), protocol.speed_batch_size,
                                      rounds=protocol.speed_rounds, iters=protocol.speed_iters,
                                      dense_macs=r["dense_macs_independent"], exported_macs=r["macs_independent"])
             atomic_write_text(rep.parent / "speed.json",
@@ -275,13 +200,13 @@ def results_table(runs: str | Path) -> pd.DataFrame:
         rows.append({c: r.get(c) for c in COLUMNS})
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["method"] = pd.Categorical(df["method"], categories=METHODS)  # table order: UVC variants, then baselines
-    df = df.sort_values(["macs_ratio_target", "method", "seed"], ascending=[False, True, True], ignore_index=True)
+    df = df.sort_values(["budget", "method", "seed"], ascending=[False, True, True], ignore_index=True)
     return df.astype({"method": str})
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """Mean (and std over seeds, where more than one) per (budget, method)."""
-    g = df.groupby(["macs_ratio_target", "method"], sort=False)
+    g = df.groupby(["budget", "method"], sort=False)
     s = g.agg(top1=("top1", "mean"), top1_std=("top1", "std"), seeds=("seed", "count"),
               macs_ratio=("macs_ratio", "mean"), params_ratio=("params_ratio", "mean"),
               speedup=("speedup", "mean"), teacher_top1=("teacher_top1", "first")).reset_index()
@@ -296,21 +221,6 @@ def markdown_table(df: pd.DataFrame) -> str:
     for _, r in s.iterrows():
         spread = f" ± {r.top1_std:.2f}" if r.seeds > 1 else ""
         speed = f"{r.speedup:.2f}x" if pd.notna(r.speedup) else "-"
-        lines.append(f"| {r.macs_ratio_target:g} | {r.method} | {r.top1:.2f}{spread} | {r.delta_vs_teacher:+.2f} | "
+        lines.append(f"| {r.budget:g} | {r.method} | {r.top1:.2f}{spread} | {r.delta_vs_teacher:+.2f} | "
                      f"{r.seeds} | {r.macs_ratio:.3f} | {r.params_ratio:.3f} | {speed} |")
     return "\n".join(lines) + "\n"
-
-
-def write_results(df: pd.DataFrame, results_dir: str | Path, name: str, note: str = "") -> dict[str, Path]:
-    """`<name>.csv`, `<name>.md` (summary table, `note` above it) and `<name>_pareto.png` in results_dir."""
-    from .viz import plot_pareto
-    d = Path(results_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": d / f"{name}.csv", "md": d / f"{name}.md", "png": d / f"{name}_pareto.png"}
-    atomic_write_text(paths["csv"], df.to_csv(index=False, float_format="%.4f"))
-    atomic_write_text(paths["md"], (note + "\n\n" if note else "") + markdown_table(df))
-    s = summary_table(df)
-    fig = plot_pareto(s, x="macs_ratio", y="top1", hue="method", err="top1_std",
-                      teacher=float(df["teacher_top1"].iloc[0]) if len(df) else None)
-    fig.savefig(paths["png"])
-    return paths

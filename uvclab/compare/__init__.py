@@ -1,0 +1,1 @@
+"""Comparing compressed models: throughput measurement and the benchmark of every method under one protocol."""

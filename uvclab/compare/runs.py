@@ -1,0 +1,109 @@
+"""Reading run folders: reports, metrics traces, and every run under a folder as one table.
+
+Works on what `compress` writes (and on run folders of earlier versions: renamed keys are mapped).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from uvclab.errors import UvclabError
+from uvclab.vit.structure import Structure
+
+
+def read_report(run_dir: str | Path) -> dict:
+    """The run's report.json as a dict."""
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise UvclabError(f"No report.json in '{run_dir}'. Point at a folder written by `uvclab compress` "
+                          "(the run may still be in progress).")
+    return _current_keys(json.loads(path.read_text()))
+
+
+LEGACY_KEYS = {"macs_ratio_target": "budget", "val_top1_after_search": "val_top1_before_finetune",
+               "val_top1_after_prune": "val_top1_before_finetune"}  # report keys before uvclab 0.2
+
+
+def _current_keys(report: dict) -> dict:
+    for old, new in LEGACY_KEYS.items():
+        if old in report:
+            report.setdefault(new, report.pop(old))
+    return report
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """metrics.jsonl as a DataFrame, one row per record (column `stage`: search | search_epoch | finetune_epoch).
+
+    List-valued fields (per-layer counts, gates) stay lists. A half-written last line (run in progress) is
+    skipped. When structure.json is present, `df.attrs` holds num_heads, head_dim and mlp_hidden so that
+    `plot_counts` can show kept (not removed) counts.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UvclabError(f"No metrics.jsonl in '{run_dir}'. Point at a folder written by `uvclab compress`.")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    records = []
+    for i, ln in enumerate(lines):
+        try:
+            records.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise UvclabError(f"{path} line {i + 1} is not JSON ({e}); the file is corrupt.") from e
+    df = pd.DataFrame.from_records(records)
+    if "macs_ratio" in df and "expected_macs_ratio" not in df:  # metrics written before uvclab 0.2
+        df = df.rename(columns={"macs_ratio": "expected_macs_ratio"})
+    if (run_dir / "structure.json").is_file():
+        s = Structure.load(run_dir / "structure.json")
+        df.attrs.update(num_heads=s.num_heads, head_dim=s.head_dim, mlp_hidden=s.mlp_hidden)
+    return df
+
+
+def method_label(config: Mapping) -> str:
+    """The benchmark's name for what a `uvclab compress` config does: a one-shot method's name, or 'uvc' plus
+    '_prune_only' (no block skipping) or '_skip_only' (no pruning inside blocks), plus '_hard_kd' or '_no_kd'
+    when not soft KD."""
+    if config.get("method", "uvc") != "uvc":
+        return config["method"]
+    uvc = config.get("uvc", {}) or {}
+    prune, skip = uvc.get("prune", True), uvc.get("block_skip", True)
+    name = "uvc" + {(True, True): "", (True, False): "_prune_only", (False, True): "_skip_only"}.get(
+        (prune, skip), "_nothing")
+    kd = config.get("kd", "soft")
+    return name + {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
+
+
+def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
+    """One row per finished run folder under `runs_root` (any depth; default `paths.runs_dir()`, i.e.
+    $UVCLAB_RUNS or ./runs): report fields, model_name, model_kwargs (JSON), name (folder), path, and the
+    run's settings from config.yaml where the report lacks them (`kd`, `warmup_epochs`, ..., `uvc.prune`,
+    `uvc.block_skip`, ...). `method` is the report's (benchmark runs) or `method_label(config)`.
+
+    Sorted by dataset, model and MACs budget; empty (with those columns) when there is none.
+    """
+    import yaml
+    from uvclab.paths import runs_dir
+    rows = []
+    for rep in sorted(Path(runs_root or runs_dir()).glob("**/report.json")):
+        try:
+            r = _current_keys(json.loads(rep.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue                                   # being written or corrupt: not a finished run
+        cfg_path = rep.parent / "config.yaml"
+        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+        settings = {k: v for k, v in cfg.items() if k not in ("uvc", "model_kwargs")}
+        settings.update({f"uvc.{k}": v for k, v in (cfg.get("uvc") or {}).items()})
+        model = r.pop("model", {}) or {}
+        if cfg:  # a plain `compress` report says method=uvc; the label also names the UVC variant
+            r["method"] = r["method"] if r.get("method") not in (None, "uvc") else method_label(cfg)
+        rows.append(dict({k: v for k, v in settings.items() if k not in r}, **r, model_name=model.get("name"),
+                         model_kwargs=json.dumps(model.get("kwargs", {})), name=rep.parent.name,
+                         path=str(rep.parent)))
+    cols = ["dataset", "model_name", "budget", "method", "name", "path"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame(rows).sort_values(["dataset", "model_name", "budget", "name"],
+                                          ignore_index=True)

@@ -1,0 +1,211 @@
+"""`compress`: the one pipeline every method runs through.
+
+config -> data + teacher -> gated student -> structure strategy (UVC search or a one-shot baseline) ->
+Structure -> export -> validation before fine-tuning -> fine-tune with distillation (best epoch on
+validation) -> report. The run folder holds config.yaml, metrics.jsonl, structure.json, uvc_state.json
+(UVC), model/ (safetensors + uvclab.json), report.json and checkpoint.pt (atomic, every epoch; `resume=True`
+continues and ends with the same result). A non-finite loss stops the run with the last good checkpoint
+kept. Works data-parallel under torchrun (gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from uvclab import __version__
+from uvclab.engine.config import CompressConfig, read_yaml
+from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs_for_data
+from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, rank, seeded_loader, set_seed,
+                                steps_per_epoch, train_one_epoch, world)
+from uvclab.engine.runfiles import MetricsLog, load_checkpoint, nonfinite_stop, save_checkpoint
+from uvclab.engine.search import kd_loss_fn, search
+from uvclab.engine.strategies import one_shot_structure
+from uvclab.engine.teacher import load_teacher
+from uvclab.errors import UvclabError
+from uvclab.io_utils import atomic_write_text
+from uvclab.paths import default_teacher
+from uvclab.uvc import ranks_agree, select_structure
+from uvclab.vit.export import export_model, save_pruned
+from uvclab.vit.gated import gate_vit
+from uvclab.vit.macs import count
+from uvclab.vit.models import create_vit, load_state_dict_file
+from uvclab.vit.structure import Structure
+
+
+# ---- models and data ---------------------------------------------------------------------------------
+
+def teacher_path(cfg: CompressConfig) -> Path:
+    """The teacher file a config names ('default': the dataset's committed reference teacher)."""
+    return default_teacher(cfg.dataset) if cfg.teacher == "default" else Path(cfg.teacher)
+
+
+def build_models(cfg: CompressConfig):
+    """(gated student, frozen teacher, data splits). The student starts from the teacher unless a model is
+    named; a named model takes in_chans / num_classes / img_size from the data unless model_kwargs set them."""
+    teacher = None
+    if cfg.teacher is not None:
+        path = teacher_path(cfg)
+        if not path.exists():
+            raise UvclabError(f"Teacher '{path}' not found. Train one with `uvclab teacher --dataset {cfg.dataset} "
+                              "...`, or pass --set teacher=PATH (card .json or weights), or teacher=null to "
+                              "distil from the starting model itself.")
+        teacher = load_teacher(path)
+    arch = teacher.uvclab_config["kwargs"] if cfg.model is None else cfg.model_kwargs
+    img_size = arch.get("img_size")
+    splits = load_dataset(cfg.dataset, root=cfg.data_root, split_seed=cfg.split_seed,
+                          img_size=img_size if isinstance(img_size, int) else None)
+    if cfg.model is not None:
+        student = create_vit(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+                             **model_kwargs_for_data(cfg.model, cfg.model_kwargs, splits))
+        check_model_fits_data(student, cfg.model, splits)
+        if teacher is None:
+            teacher = copy.deepcopy(student)
+    else:
+        student = copy.deepcopy(teacher)
+        if cfg.checkpoint is not None:
+            load_state_dict_file(student, cfg.checkpoint)
+        student.uvclab_config = teacher.uvclab_config
+    check_model_fits_data(teacher, "the teacher", splits)
+    if cfg.eval_max_samples is not None:  # quick runs: the first N of the (already shuffled) val / test splits
+        cap = lambda ds: torch.utils.data.Subset(ds, range(min(cfg.eval_max_samples, len(ds))))  # noqa: E731
+        splits = dataclasses.replace(splits, val=cap(splits.val), test=cap(splits.test))
+    if hasattr(student, "set_distilled_training"):
+        student.set_distilled_training(cfg.kd != "none")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return gate_vit(student), teacher.eval(), splits
+
+
+def finetune_epochs(cfg: CompressConfig) -> int:
+    """UVC fine-tunes `finetune_epochs`; one-shot methods also get the warm-up + search epochs (same images)."""
+    return cfg.finetune_epochs + (0 if cfg.method == "uvc" else cfg.warmup_epochs + cfg.search_epochs)
+
+
+def train_images(cfg: CompressConfig) -> Optional[int]:
+    """Images seen in training (None when epochs are not capped by max_steps_per_epoch)."""
+    epochs = cfg.warmup_epochs + cfg.search_epochs + cfg.finetune_epochs
+    return epochs * cfg.max_steps_per_epoch * cfg.batch_size * world() if cfg.max_steps_per_epoch else None
+
+
+# ---- stage 2 -----------------------------------------------------------------------------------------
+
+def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: MetricsLog, ckpt: Optional[dict]):
+    """Fine-tune the exported model with KD; best epoch chosen on validation.
+    Returns (best model, its validation top-1, the validation top-1 before fine-tuning)."""
+    epochs = finetune_epochs(cfg)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(slim) if world() > 1 else slim
+    steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
+    opt, sched = adamw_with_schedule(slim, cfg.finetune_lr, cfg.weight_decay, epochs * steps, min(500, steps))
+    if ckpt is None:
+        start_val = evaluate(slim, splits.val)
+        best_val, best_state, start = start_val, copy.deepcopy(slim.state_dict()), 0
+        log.write({"stage": "finetune_epoch", "epoch": -1, "val_top1": start_val})
+    if ckpt is not None and ckpt["stage"] == "finetune":
+        slim.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        torch.set_rng_state(ckpt["rng"])
+        best_val, best_state, start, start_val = ckpt["best_val"], ckpt["best_model"], ckpt["epoch"], ckpt["start_val"]
+    loss_fn = kd_loss_fn(cfg, ddp_model, teacher)
+    for epoch in range(start, epochs):
+        loss = train_one_epoch(slim, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
+                                                   num_workers=cfg.num_workers),
+                               opt, sched, loss_fn, steps=steps, progress=cfg.progress,
+                               desc=f"fine-tune {epoch + 1}/{epochs}",
+                               on_nonfinite=nonfinite_stop("fine-tune", epoch, out / "checkpoint.pt"))
+        val = evaluate(slim, splits.val)
+        if val > best_val:
+            best_val, best_state = val, copy.deepcopy(slim.state_dict())
+        log.write({"stage": "finetune_epoch", "epoch": epoch, "loss": loss, "val_top1": val, "best_val_top1": best_val})
+        save_checkpoint(out / "checkpoint.pt", {"stage": "finetune", "epoch": epoch + 1, "model": slim.state_dict(),
+                                                "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                                "rng": torch.get_rng_state(), "best_val": best_val,
+                                                "best_model": best_state, "start_val": start_val})
+    slim.load_state_dict(best_state)
+    return slim.eval(), best_val, start_val
+
+
+# ---- the whole job -----------------------------------------------------------------------------------
+
+def _open_run_folder(cfg: CompressConfig, out: Path, resume: bool) -> Optional[dict]:
+    """Refuse to overwrite a run; with resume, check the config matches and return the checkpoint."""
+    ckpt_path = out / "checkpoint.pt"
+    if (out / "report.json").exists() and not resume:
+        raise UvclabError(f"'{out}' already holds a finished run; choose another --out folder.")
+    if ckpt_path.exists() and not resume:
+        raise UvclabError(f"'{out}' holds an interrupted run; continue it with --resume or choose another --out.")
+    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if resume and (out / "config.yaml").exists():
+        if CompressConfig.from_dict(read_yaml(out / "config.yaml")).to_dict() != cfg.to_dict():
+            raise UvclabError(f"--resume with a different config than the one saved in '{out}/config.yaml'; "
+                              "resume with the same settings, or start a new --out folder.")
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+    return ckpt
+
+
+def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict:
+    """Run one method end to end; returns the report (also written to out/report.json)."""
+    out = Path(out)
+    init_distributed(cfg.device)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UvclabError("device='cuda' but no GPU is visible; use --set device=cpu.")
+    ckpt = _open_run_folder(cfg, out, resume)
+    if ckpt is not None and ckpt.get("stage") == "done" and (out / "report.json").exists():
+        return json.loads((out / "report.json").read_text())
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    t0 = time.time()
+    model, teacher, splits = build_models(cfg)
+    device = torch.device(cfg.device)
+    model.to(device)
+    teacher.to(device)
+    log = MetricsLog(out / "metrics.jsonl", fresh=ckpt is None)
+    teacher_top1 = evaluate(teacher, splits.test)
+    dense = count(model)
+
+    agree = None  # checked right after the search (not re-checked when resuming in stage 2)
+    if ckpt is not None and ckpt["stage"] == "finetune":
+        structure = Structure.load(out / "structure.json")
+    elif cfg.method == "uvc":
+        uvc = search(cfg, model, teacher, splits, out, log, ckpt)
+        structure = select_structure(uvc, cfg.budget_slack, cfg.layout)
+        agree = ranks_agree(uvc, structure)
+        if not agree:
+            raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
+        if rank() == 0:
+            atomic_write_text(out / "uvc_state.json", json.dumps(
+                {k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)}))
+    else:
+        structure = one_shot_structure(cfg, model, teacher, splits)
+    if ckpt is None or ckpt["stage"] != "finetune":
+        if rank() == 0:
+            structure.save(out / "structure.json")
+        ckpt = None
+    slim = export_model(model, structure, cfg.layout).to(device)
+    slim, best_val, val_before_finetune = finetune(cfg, slim, teacher, splits, out, log, ckpt)
+    top1 = evaluate(slim, splits.test)
+    slim_count = count(model, structure, cfg.layout)
+    report = {"uvclab_version": __version__, "method": cfg.method, "model": model.uvclab_config,
+              "dataset": cfg.dataset, "seed": cfg.seed, "teacher_top1": teacher_top1, "top1": top1,
+              "val_top1": best_val, "val_top1_before_finetune": val_before_finetune, "budget": cfg.macs_ratio,
+              "macs": slim_count["macs"], "dense_macs": dense["macs"], "macs_ratio": slim_count["macs"] / dense["macs"],
+              "params": slim_count["params"], "dense_params": dense["params"],
+              "params_ratio": slim_count["params"] / dense["params"],
+              "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
+              "layout": cfg.layout, "train_images": train_images(cfg), "seconds": time.time() - t0,
+              "world_size": world(), "ranks_agree": agree, "val_samples": len(splits.val),
+              "test_samples": len(splits.test)}
+    if rank() == 0:
+        save_pruned(slim.cpu(), out / "model", extra={"top1": top1, "teacher_top1": teacher_top1})
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+        save_checkpoint(out / "checkpoint.pt", {"stage": "done"})
+    return report

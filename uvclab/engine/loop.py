@@ -1,0 +1,152 @@
+"""The one training loop: used by the UVC search, the fine-tune and teacher training.
+
+`train_one_epoch` runs a loss closure over a loader (clip, optimiser and scheduler step, an `after_step`
+hook: UVC's primal-dual update lives there), `evaluate` gives top-1 and restores the model's mode,
+`seeded_loader` shuffles from its own seed (identical after a resume) and shards across torchrun ranks.
+Follows timm's `train_one_epoch` / `validate` split; parameter groups come from `timm.optim`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from tqdm.auto import tqdm
+
+from uvclab.errors import UvclabError
+
+
+# ---- distributed ----------------------------------------------------------------------------------
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def init_distributed(device: str) -> None:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- data order -----------------------------------------------------------------------------------
+
+def seeded_loader(dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0,
+                  drop_last: Optional[bool] = None) -> torch.utils.data.DataLoader:
+    """Shuffle order fixed by `seed` alone (a resumed epoch sees the same batches); under torchrun each rank
+    gets its shard (DistributedSampler). drop_last defaults to `shuffle` (training drops the ragged batch)."""
+    drop_last = shuffle if drop_last is None else drop_last
+    if world() > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                           num_workers=num_workers, drop_last=drop_last)
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+                                       num_workers=num_workers, drop_last=drop_last,
+                                       persistent_workers=num_workers > 0)
+
+
+def steps_per_epoch(dataset, batch_size: int, cap: Optional[int] = None) -> int:
+    """Full batches per rank in one epoch, at most `cap`."""
+    n = len(dataset) // (batch_size * world())
+    return max(1, min(n, cap or n))
+
+
+# ---- optimiser ------------------------------------------------------------------------------------
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """timm/DeiT convention: no weight decay on 1-d parameters (norms, biases) and on pos_embed / tokens."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.01) -> Callable[[int], float]:
+    """lr multiplier per step for LambdaLR: linear ramp to 1 over warm-up, then cosine down to `min_ratio`.
+    (timm's CosineLRScheduler steps on its own counter; a LambdaLR keeps the schedule in the optimiser's
+    checkpointed state, which resume relies on.)"""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return factor
+
+
+def adamw_with_schedule(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
+                        warmup_steps: int):
+    """AdamW over timm's parameter groups with a per-step warm-up + cosine LambdaLR."""
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, total_steps), warmup_steps))
+    return opt, sched
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+def train_one_epoch(model: torch.nn.Module, loader, opt, sched, loss_fn: Callable, *, steps: int,
+                    desc: str = "train", progress: bool = True, clip_grad: Optional[float] = 1.0,
+                    after_step: Optional[Callable[[int, torch.Tensor], Optional[dict]]] = None,
+                    on_nonfinite: Optional[Callable[[int, torch.Tensor], None]] = None,
+                    log: Optional[Callable[[str], None]] = None) -> float:
+    """One pass of at most `steps` batches; returns the mean loss.
+
+    loss_fn(x, y) -> scalar loss (it runs the forward pass: gates, teacher, distillation are the caller's).
+    after_step(step, loss) runs after the optimiser and scheduler step and may return values for the
+    progress bar. on_nonfinite(step, loss) is called before a non-finite loss is back-propagated (it should
+    raise). Without progress bars, `log` gets a line every quarter epoch (background runs)."""
+    model.train()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    show = progress and rank() == 0
+    bar = tqdm(loader, total=steps, desc=desc, leave=False, disable=not show)
+    for step, (x, y) in enumerate(bar):
+        if step >= steps:
+            break
+        x, y = x.to(device), y.to(device)
+        loss = loss_fn(x, y)
+        if not torch.isfinite(loss):
+            if on_nonfinite is not None:
+                on_nonfinite(step, loss)
+            raise UvclabError(f"Non-finite loss ({loss.item()}) at {desc} step {step}; lower the learning rate.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        opt.step()
+        sched.step()
+        extra = after_step(step, loss) if after_step is not None else None
+        total, n = total + loss.item(), n + 1
+        bar.set_postfix(loss=f"{loss.item():.3f}", **(extra or {}))
+        if log is not None and not show and (step + 1) % max(1, steps // 4) == 0 and step + 1 < steps:
+            log(f"  {desc} step {step + 1}/{steps}  train_loss {total / n:.4f}")
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) on a dataset, in eval mode, on the model's device; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in seeded_loader_eval(dataset, batch_size):
+        correct += (model(x.to(device)).argmax(-1).cpu() == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def seeded_loader_eval(dataset, batch_size: int) -> torch.utils.data.DataLoader:
+    """In-order, unsharded batches (every rank evaluates the whole set)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)

@@ -1,0 +1,90 @@
+"""UVC stage 1 inside the pipeline: the primal-dual search over the training loop, checkpointed per epoch.
+
+Each step: a Gumbel gate sample, the KD loss, the weight step, then `UVCPrimalDual.step` as the loop's
+post-step hook (docs/method.md §3.2). After every epoch the hard structure the counts describe is scored
+on validation (`val_top1_hard`) and the whole state is checkpointed, so `--resume` continues bit-identically.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from uvclab.engine.config import CompressConfig
+from uvclab.engine.distill import distillation_loss
+from uvclab.engine.loop import (adamw_with_schedule, evaluate, seeded_loader, steps_per_epoch, train_one_epoch,
+                                world)
+from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, save_checkpoint
+from uvclab.uvc import UVCPrimalDual, current_structure
+from uvclab.vit.gated import open_all_gates
+from uvclab.vit.macs import count
+from uvclab.vit.structure import Structure, apply_structure
+
+
+@contextmanager
+def masked(model: torch.nn.Module, structure: Structure):
+    """Temporarily apply a structure's hard masks to a gated model (all gates open afterwards)."""
+    apply_structure(model, structure)
+    try:
+        yield model
+    finally:
+        open_all_gates(model)
+
+
+def kd_loss_fn(cfg: CompressConfig, model, teacher):
+    """loss(x, y): the configured distillation loss of `model` against the frozen teacher."""
+    def loss(x, y):
+        with torch.no_grad():
+            t = teacher(x)
+        return distillation_loss(model(x), y, t, kind=cfg.kd, alpha=cfg.kd_alpha, tau=cfg.kd_tau,
+                                 reduction=cfg.kd_reduction)
+    return loss
+
+
+def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsLog,
+           ckpt: Optional[dict]) -> UVCPrimalDual:
+    """UVC stage 1 on the gated `model`. Returns the primal-dual optimiser at the end of the search."""
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world() > 1 else model
+    epochs = cfg.warmup_epochs + cfg.search_epochs
+    steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
+    uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs)
+    opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
+    start = 0
+    if ckpt is not None and ckpt["stage"] == "search":
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        uvc.load_state_dict(ckpt["uvc"])
+        torch.set_rng_state(ckpt["rng"])
+        start = ckpt["epoch"]
+    kd = kd_loss_fn(cfg, ddp_model, teacher)
+    for epoch in range(start, epochs):
+        warm = epoch < cfg.warmup_epochs
+
+        def loss_fn(x, y):
+            uvc.set_model_gates(uvc.gate_sample(warmup=warm))
+            return kd(x, y)
+
+        def after_step(step, loss):
+            rec = uvc.step(opt.param_groups[0]["lr"], epoch, warm)
+            log.write({"stage": "search", "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **rec})
+            return {"R": f"{rec['expected_macs_ratio']:.3f}", "z": f"{rec['z']:.2g}"}
+
+        train_one_epoch(model, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
+                                             num_workers=cfg.num_workers),
+                        opt, sched, loss_fn, steps=steps, progress=cfg.progress, after_step=after_step,
+                        desc=f"search {epoch + 1}/{epochs}" + (" (warm-up)" if warm else ""),
+                        on_nonfinite=nonfinite_stop("search", epoch, out / "checkpoint.pt"))
+        uvc.set_model_gates(None)
+        st = current_structure(uvc)
+        with masked(model, st):
+            val = evaluate(model, splits.val)
+        log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
+                   "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
+                   "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})
+        save_checkpoint(out / "checkpoint.pt", {"stage": "search", "epoch": epoch + 1, "model": model.state_dict(),
+                                                "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                                "uvc": uvc.state_dict(), "rng": torch.get_rng_state()})
+    return uvc

@@ -1,0 +1,45 @@
+"""Structure strategies of `compress`: where the Structure comes from (config key `method`).
+
+`uvc` is the primal-dual search (`uvclab.engine.search`); the others cut the teacher's weights in one shot:
+`magnitude` (global magnitude structured pruning), `uniform` (the same kept fraction in every block),
+`depth` (drop whole blocks, greedily by validation accuracy), `torch_pruning` (Torch-Pruning's global group
+Taylor pruning, expressed as a Structure). Every strategy returns a Structure, so every method is exported,
+fine-tuned, saved and reported the same way.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from uvclab.engine.config import CompressConfig
+from uvclab.engine.loop import evaluate, seeded_loader
+from uvclab.engine.search import masked
+from uvclab.errors import UvclabError
+from uvclab.prune import baselines
+from uvclab.vit.structure import Structure
+
+ONE_SHOT = ("magnitude", "uniform", "depth", "torch_pruning")
+
+
+def one_shot_structure(cfg: CompressConfig, model: torch.nn.Module, teacher: torch.nn.Module, splits) -> Structure:
+    """The structure of a one-shot method for the gated `model` (a copy of the teacher's weights)."""
+    if cfg.method == "magnitude":
+        return baselines.magnitude_structure(model, cfg.macs_ratio, cfg.layout)
+    if cfg.method == "uniform":
+        return baselines.uniform_structure(model, cfg.macs_ratio, cfg.layout)
+    if cfg.method == "depth":  # greedy on validation accuracy of the masked model (a subset, for time)
+        probe = torch.utils.data.Subset(splits.val, range(min(1024, len(splits.val))))
+
+        def score(st: Structure) -> float:
+            with masked(model, st):
+                return evaluate(model, probe)
+        return baselines.depth_structure(model, cfg.macs_ratio, score=score)
+    if cfg.method == "torch_pruning":
+        from uvclab.prune.tp import torch_pruning_structure
+        plain = copy.deepcopy(teacher)                 # a plain timm model with the student's weights
+        plain.load_state_dict(model.state_dict())
+        plain.requires_grad_(True)
+        calib = [b for _, b in zip(range(4), seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 - 1))]
+        return torch_pruning_structure(plain, cfg.macs_ratio, calib)
+    raise UvclabError(f"'{cfg.method}' is not a one-shot method; choose one of {ONE_SHOT}.")

@@ -1,0 +1,1 @@
+"""The faces over the library: the command line, figures, and the ipywidgets explorer."""

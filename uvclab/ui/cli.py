@@ -1,0 +1,207 @@
+"""The `uvclab` command line: a thin layer over the library.
+
+  uvclab macs MODEL [--img-size N] [--num-classes K] [--structure FILE] [--layout L] [--json]
+  uvclab bench MODEL [--macs-ratio R | --structure FILE] [--batch-size B] [--json]
+  uvclab compress [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume]
+  uvclab teacher [CONFIG.yaml] --model NAME --dataset NAME [--set key=value ...] --out STEM
+Every `--set` / `--model-arg` goes through the one parser (`uvclab.engine.config.parse_overrides`).
+User mistakes (UvclabError) print one clear message, no traceback, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+from uvclab.engine.config import parse_overrides
+from uvclab.errors import UvclabError
+
+
+def _model_kwargs(args) -> dict:
+    kw = {}
+    if getattr(args, "img_size", None):
+        kw["img_size"] = args.img_size
+    if getattr(args, "num_classes", None) is not None:
+        kw["num_classes"] = args.num_classes
+    return parse_overrides(getattr(args, "model_arg", None), kw)
+
+
+def cmd_macs(args) -> None:
+    from uvclab.vit import macs as budget
+    from uvclab.vit.models import create_vit
+    from uvclab.vit.structure import Structure
+    import torch
+    with torch.device("meta"):
+        model = create_vit(args.model, **_model_kwargs(args))
+    structure = Structure.load(args.structure) if args.structure else None
+    if structure is not None:
+        structure.validate(model)
+    table = budget.macs_table(model, structure, args.layout)
+    dense = budget.count(model)
+    total = {"macs": int(table.macs.sum()), "params": int(table.params.sum())}
+    out = {"model": args.model, **total, "flops": 2 * total["macs"], "dense_macs": dense["macs"],
+           "dense_params": dense["params"], "macs_ratio": total["macs"] / dense["macs"],
+           "params_ratio": total["params"] / dense["params"]}
+    if args.json:
+        print(json.dumps(out))
+        return
+    by_comp = table.groupby("component", sort=False)[["macs", "params"]].sum()
+    by_comp["macs_share"] = by_comp.macs / total["macs"]
+    print(by_comp.to_string(formatters={"macs_share": "{:.1%}".format}))
+    print(f"\n{args.model}: {total['macs']:,} MACs ({total['macs'] / 1e9:.3f} G), {total['params']:,} params"
+          + (f"; {out['macs_ratio']:.3f} of dense MACs" if structure is not None else ""))
+
+
+def cmd_bench(args) -> None:
+    import torch
+    from uvclab.prune.baselines import uniform_structure
+    from uvclab.compare.throughput import compare_throughput
+    from uvclab.vit.export import export_model
+    from uvclab.vit.models import create_vit
+    from uvclab.vit.structure import Structure
+    torch.manual_seed(0)
+    model = create_vit(args.model, **_model_kwargs(args)).eval()
+    structure = Structure.load(args.structure) if args.structure else uniform_structure(model, args.macs_ratio,
+                                                                                         args.layout)
+    exported = export_model(model, structure, args.layout)
+    res = compare_throughput(model, exported, batch_size=args.batch_size, rounds=args.rounds)
+    print(json.dumps(res.to_dict()) if args.json else res)
+
+
+def cmd_compress(args) -> None:
+    from uvclab.engine.compress import compress
+    from uvclab.engine.config import load_config
+    from uvclab.engine.loop import rank
+    from uvclab.paths import runs_dir
+    cfg = load_config(args.config, args.overrides)
+    method = "" if cfg.method == "uvc" else f"-{cfg.method}"
+    out = Path(args.out) if args.out else runs_dir() / f"{cfg.dataset}{method}-{cfg.macs_ratio:g}-seed{cfg.seed}"
+    report = compress(cfg, out, resume=args.resume)
+    if rank() == 0:
+        print(compress_summary(report, out))
+
+
+def compress_summary(report: dict, out: Path) -> str:
+    name = "UVC" if report["method"] == "uvc" else report["method"]
+    return "\n".join([
+        f"{name} on {report['dataset']} ({report['model']['name']}), budget {report['budget']:.2f} of dense MACs",
+        f"  MACs    {report['macs']:,} / {report['dense_macs']:,} = {report['macs_ratio']:.3f}",
+        f"  params  {report['params']:,} / {report['dense_params']:,} = {report['params_ratio']:.3f}",
+        f"  blocks  {report['blocks_kept']} of {report['depth']} kept",
+        f"  top-1   {report['top1']:.2f} % (teacher {report['teacher_top1']:.2f} %), chosen on validation "
+        f"({report['val_top1']:.2f} %; {report['val_top1_before_finetune']:.2f} % before fine-tuning)",
+        f"  time    {report['seconds']:.0f} s;  run folder: {out}  (uvclab.load_pruned('{out / 'model'}'))",
+        "  " + json.dumps({k: report[k] for k in ("top1", "teacher_top1", "macs_ratio", "params_ratio")}),
+    ])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uvclab", description="Compress Vision Transformers with UVC.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(q):
+        q.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
+        q.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+        q.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's)")
+        q.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                       help="extra timm kwarg, e.g. depth=6 or patch_size=8 (repeatable)")
+        q.add_argument("--layout", default="compact", choices=["fused", "compact"],
+                       help="exported attention layout (see uvclab.budget.head_widths)")
+        q.add_argument("--structure", help="Structure JSON (from `uvclab compress`)")
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+
+    q = sub.add_parser("macs", help="MACs and params of a model, dense or under a structure")
+    model_args(q)
+    q.set_defaults(func=cmd_macs)
+
+    q = sub.add_parser("bench", help="measured throughput of dense vs exported model on this machine")
+    model_args(q)
+    q.add_argument("--macs-ratio", type=float, default=0.5, help="uniform-width structure at this budget "
+                   "when no --structure is given")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    q.set_defaults(func=cmd_bench)
+
+    q = sub.add_parser("compress", help="compress a model: search (UVC) or cut (a baseline) a structure under a "
+                       "MACs budget, export, fine-tune")
+    q.add_argument("config", nargs="?", help="YAML config (default: the embedded digits job)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set macs_ratio=0.3 --set method=magnitude "
+                        "--set uvc.glr=0.05 (repeatable)")
+    q.add_argument("--out", help="run folder (default: runs/<dataset>-<method>-<macs_ratio>-seed<seed>)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    q.set_defaults(func=cmd_compress)
+    q = sub.add_parser("teacher", help="train a ViT teacher from scratch", add_help=False)
+    q.set_defaults(func=None)
+    return p
+
+
+def build_teacher_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uvclab teacher", description="Train a ViT teacher from scratch; writes "
+                                "OUT.safetensors and the card OUT.json. Every TeacherConfig field can be set "
+                                "with --set (or in a YAML file); other --set keys are timm model kwargs.")
+    p.add_argument("config", nargs="?", help="YAML file of TeacherConfig fields")
+    p.add_argument("--model", help="timm ViT name (shrunk with --set), default deit_tiny_patch16_224")
+    p.add_argument("--dataset", help="digits | fashion_mnist | cifar10 | cifar100 | imagefolder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config field (--set epochs=40 --set lr=1e-3) or a model kwarg (--set embed_dim=96)")
+    for flag, help_ in (("--epochs", "training epochs"), ("--batch-size", None), ("--lr", "peak AdamW lr"),
+                        ("--weight-decay", None), ("--warmup-epochs", None), ("--label-smoothing", None),
+                        ("--seed", "weights init, shuffling and augmentation"),
+                        ("--split-seed", "fixes the train/val/test split"), ("--val-fraction", None),
+                        ("--max-steps-per-epoch", "cap for timing probes"), ("--data-root", "dataset folder"),
+                        ("--init", "continue from this teacher (card .json or weights); the architecture must match")):
+        p.add_argument(flag, help=help_ or f"same as --set {flag[2:].replace('-', '_')}=...")
+    p.add_argument("--no-augment", action="store_true", help="train without crop/flip augmentation")
+    p.add_argument("--fp16", action="store_true", help="store the weights in float16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the CPUs we may use; use 1 when other jobs share the CPUs: "
+                        "oversubscribed OpenMP threads can run 10x slower)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs, background runs)")
+    p.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
+    return p
+
+
+def teacher_cli(argv: Optional[list[str]] = None) -> dict:
+    """`uvclab teacher ...`: parse arguments (flags are shorthands for --set), train, print the card summary."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_teacher_parser().parse_args(argv)
+    flags = [f"{k}={v}" for k in ("model", "dataset", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                                  "label_smoothing", "seed", "split_seed", "val_fraction", "max_steps_per_epoch",
+                                  "data_root", "init") if (v := getattr(args, k)) is not None]
+    flags += ["augment=false"] * args.no_augment + ["fp16=true"] * args.fp16
+    import torch
+    from tqdm.auto import tqdm
+    from uvclab.engine.config import load_teacher_config
+    from uvclab.engine.teacher import available_cpus, train_teacher
+    cfg = load_teacher_config(args.config, flags + args.set)
+    torch.set_num_threads(args.threads or available_cpus())
+    card = train_teacher(cfg, args.out, progress=not args.no_progress, command="uvclab teacher " + shlex.join(argv),
+                         log=tqdm.write)
+    print(f"wrote {args.out}.safetensors and {args.out}.json: val_top1 {card['val_top1']:.2f}  "
+          f"test_top1 {card['test_top1']:.2f}  ({card['train_time_s']:.0f}s)", flush=True)
+    return card
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "teacher":
+            teacher_cli(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UvclabError as e:
+        print(f"uvclab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("uvclab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""UVC's primal-dual optimiser (Yu et al., ICLR 2022; ECC lineage), vectorised over heads, dims and neurons.
+
+State (`UVCState`): counts of removed groups s (L, 2) = [heads, MLP neurons] and r (L, H) = value dims per
+head, used through a straight-through ceil; block-skip gate logits alpha (L, 2) = [skip, keep] sampled with
+Gumbel-softmax; duals y (L, 2), p (L, H) for "the ceil(s) smallest groups are zero" and z for the budget
+R(s, r, g) <= B. One `step` after each weight update: proximal shrinkage of the selected groups, then (after
+warm-up) projected SGD on s, r, SGD on alpha every `gating_interval` steps, and dual ascent on y, p, z
+(docs/method.md §3.2). Groups are ranked by squared L2 norm of attn.proj columns and fc2 columns.
+Under torchrun every rank holds the same state: the few collective calls live in `_Collective`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from uvclab.uvc.ops import least_sum, projected_sgd, selected_mask, ste_ceil
+from uvclab.uvc.settings import UVCSettings
+from uvclab.vit.macs import VitShape, check_budget, expected_macs, vit_shape
+
+
+@dataclass
+class UVCState:
+    """Everything the search learns besides the weights; `state_dict` is what checkpoints hold."""
+    s: torch.Tensor                     # (L, 2) heads, neurons removed (continuous; used as ceil)
+    r: torch.Tensor                     # (L, H) value dims removed per head
+    alpha: torch.Tensor                 # (L, 2) gate logits [skip, keep] (a leaf with grad)
+    y: torch.Tensor                     # (L, 2) duals of the head / neuron sparsity constraints
+    p: torch.Tensor                     # (L, H) duals of the dim sparsity constraints
+    z: torch.Tensor                     # () dual of the budget
+    global_step: int = 0
+    gate_buffer: list = field(default_factory=list)   # gate gradients since the last gate step
+
+    TENSORS = ("s", "r", "alpha", "y", "p", "z")
+
+    @classmethod
+    def initial(cls, L: int, H: int, init_dual: float, device) -> "UVCState":
+        return cls(s=torch.zeros(L, 2, device=device), r=torch.zeros(L, H, device=device),
+                   alpha=torch.tensor([[-1.0, 1.0]] * L, device=device, requires_grad=True),
+                   y=torch.full((L, 2), init_dual, device=device), p=torch.full((L, H), init_dual, device=device),
+                   z=torch.tensor(init_dual, device=device))
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k).detach().clone() for k in self.TENSORS},
+                "global_step": self.global_step, "gate_buffer": [t.clone() for t in self.gate_buffer]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in self.TENSORS:
+            if k == "alpha":
+                with torch.no_grad():
+                    self.alpha.copy_(sd["alpha"])
+            else:
+                setattr(self, k, sd[k].clone().to(getattr(self, k).device))
+        self.global_step = int(sd["global_step"])
+        self.gate_buffer = [t.clone() for t in sd["gate_buffer"]]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, k).detach() if k == "alpha" else getattr(self, k) for k in self.TENSORS]
+
+
+class _Collective:
+    """The optimiser's only torch.distributed calls (no-ops in a single process)."""
+
+    @staticmethod
+    def active() -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @classmethod
+    def broadcast_(cls, *tensors: torch.Tensor) -> None:
+        """Make every rank hold rank 0's values (Gumbel noise before use; the state after each step)."""
+        if cls.active():
+            for t in tensors:
+                dist.broadcast(t, 0)
+
+    @classmethod
+    def mean_(cls, t: torch.Tensor) -> torch.Tensor:
+        if cls.active():
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+        return t
+
+
+class UVCPrimalDual:
+    """Holds a `UVCState` for one gated model and performs UVC's per-iteration update at budget `budget`."""
+
+    def __init__(self, model: torch.nn.Module, settings: UVCSettings, budget: float = 0.5,
+                 dense_macs: Optional[int] = None, total_epochs: int = 1):
+        self.model, self.cfg, self.budget = model, settings, check_budget(budget)
+        self.shape: VitShape = vit_shape(model)
+        L, H = self.shape.depth, self.shape.num_heads
+        dev = next(model.parameters()).device
+        self.dense_macs = dense_macs or int(expected_macs(self.shape, *self._zeros(dev)).item())
+        self.state = UVCState.initial(L, H, settings.init_dual, dev)
+        self.s_max = torch.tensor([H - 1 - 1e-8, self.shape.mlp_hidden - 1 - 1e-8], device=dev)
+        self.r_max = float(self.shape.head_dim - 1 - 1e-8)
+        self.gate_opt = torch.optim.SGD([self.state.alpha], lr=settings.glr, momentum=0.9, weight_decay=1e-4)
+        self.total_epochs = total_epochs
+        self.last: dict = {}
+
+    # the state's tensors, by their paper names
+    s = property(lambda self: self.state.s, lambda self, v: setattr(self.state, "s", v))
+    r = property(lambda self: self.state.r, lambda self, v: setattr(self.state, "r", v))
+    y = property(lambda self: self.state.y, lambda self, v: setattr(self.state, "y", v))
+    p = property(lambda self: self.state.p, lambda self, v: setattr(self.state, "p", v))
+    z = property(lambda self: self.state.z, lambda self, v: setattr(self.state, "z", v))
+    alpha = property(lambda self: self.state.alpha)
+    global_step = property(lambda self: self.state.global_step)
+
+    def _zeros(self, dev):
+        L, H = self.shape.depth, self.shape.num_heads
+        return (torch.zeros(L, device=dev), torch.zeros(L, device=dev), torch.zeros(L, H, device=dev),
+                torch.ones(L, H, device=dev))
+
+    # ---- group scores (vectorised) -----------------------------------------------------------------
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dim (L, H, Dh), head (L, H), neuron (L, M) squared L2 norms of proj / fc2 input columns."""
+        H, Dh = self.shape.num_heads, self.shape.head_dim
+        dims = torch.stack([b.attn.proj.weight.detach().float().pow(2).sum(0).view(H, Dh) for b in self.model.blocks])
+        neurons = torch.stack([b.mlp.fc2.weight.detach().float().pow(2).sum(0) for b in self.model.blocks])
+        return dims, dims.sum(-1), neurons
+
+    # ---- gates ----------------------------------------------------------------------------------
+    def gate_sample(self, warmup: bool = False) -> Optional[torch.Tensor]:
+        """(L,) keep gates for the next forward: a soft Gumbel sample shared by all ranks (None = open)."""
+        if not self.cfg.block_skip:
+            return None
+        if warmup:
+            return None if self.cfg.warmup_gate == 1.0 else torch.full_like(self.alpha[:, 0], self.cfg.warmup_gate)
+        gumbels = -torch.empty_like(self.alpha).exponential_().log()
+        _Collective.broadcast_(gumbels)  # identical noise on every rank by construction
+        return F.softmax((self.alpha + gumbels) / self.cfg.gumbel_tau, dim=-1)[:, 1]
+
+    def set_model_gates(self, gates: Optional[torch.Tensor]) -> None:
+        for l, blk in enumerate(self.model.blocks):
+            blk.block_gate = None if gates is None else gates[l]
+
+    def keep_prob(self) -> torch.Tensor:
+        return F.softmax(self.alpha.detach(), dim=-1)[:, 1]
+
+    def keep_blocks(self) -> torch.Tensor:
+        """(L,) bool: the argmax skip decisions (all True without block skipping)."""
+        if not self.cfg.block_skip:
+            return torch.ones(self.shape.depth, dtype=torch.bool)
+        return (self.alpha[:, 1] > self.alpha[:, 0]).detach().cpu()
+
+    # ---- resource ---------------------------------------------------------------------------------
+    def expected_macs_ratio(self, s: torch.Tensor, r: torch.Tensor, head_scores: torch.Tensor,
+                            alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """R(ceil s, ceil r, g) / dense, differentiable in s, r (straight-through ceil) and alpha."""
+        s_hat, r_hat = ste_ceil(s), ste_ceil(r)
+        if not self.cfg.prune_dims:
+            r_hat = r_hat * 0
+        g = None
+        if self.cfg.block_skip:
+            a = self.alpha if alpha is None else alpha
+            if self.cfg.resource_gates == "sample":
+                g = F.gumbel_softmax(a, tau=self.cfg.gumbel_tau, hard=False)[:, 1]
+            else:
+                g = F.softmax(a, dim=-1)[:, 1]
+                if self.cfg.resource_gates == "hard":  # straight-through: value 0/1, gradient of the probability
+                    g = g + ((g > 0.5).to(g.dtype) - g).detach()
+        kept = selected_mask(head_scores, s_hat[:, 0].detach(), largest=True)
+        macs = expected_macs(self.shape, s_hat[:, 0], s_hat[:, 1], r_hat, kept, block_gate=g,
+                             formula=self.cfg.macs_formula, tie_qk=self.cfg.tie_qk)
+        return macs / self.dense_macs
+
+    def zlr(self, epoch: int) -> float:
+        if self.cfg.zlr_schedule == "constant":
+            return self.cfg.zlr
+        return self.cfg.zlr * (1 + 4 * min(4, int(5 * epoch / max(self.total_epochs, 1))))  # 1,5,9,13,17
+
+    # ---- the update -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def proximal_step(self, lr: float) -> None:
+        """W_g <- W_g / (1 + 2 lr dual) for the ceil(count) smallest groups (heads, dims, neurons)."""
+        if not self.cfg.prune:
+            return
+        dims, heads, neurons = self.scores()
+        s_hat, r_hat = torch.ceil(self.s), torch.ceil(self.r)
+        col = torch.ones_like(dims)                                            # (L, H, Dh)
+        if self.cfg.prune_dims:
+            sel_dims = selected_mask(dims, r_hat)                              # (L, H, Dh)
+            col = col / (1 + 2 * lr * self.p[..., None] * sel_dims)
+        sel_heads = selected_mask(heads, s_hat[:, 0])                          # (L, H)
+        col = col / (1 + 2 * lr * self.y[:, 0, None, None] * sel_heads[..., None])
+        sel_neurons = selected_mask(neurons, s_hat[:, 1])                      # (L, M)
+        neuron_scale = 1 / (1 + 2 * lr * self.y[:, 1, None] * sel_neurons)
+        for l, blk in enumerate(self.model.blocks):
+            blk.attn.proj.weight.mul_(col[l].reshape(1, -1).to(blk.attn.proj.weight.dtype))
+            blk.mlp.fc2.weight.mul_(neuron_scale[l][None].to(blk.mlp.fc2.weight.dtype))
+
+    def step(self, lr: float, epoch: int, warmup: bool) -> dict:
+        """The UVC update after the weight step at learning rate `lr`; returns a log record."""
+        st = self.state
+        self.proximal_step(lr)
+        st.global_step += 1
+        if warmup:
+            st.alpha.grad = None
+            return self._record(epoch, warmup=True)
+        cfg = self.cfg
+        dims, heads, neurons = self.scores()
+        task_alpha_grad = st.alpha.grad.clone() if st.alpha.grad is not None else torch.zeros_like(st.alpha)
+        st.alpha.grad = None
+        _Collective.mean_(task_alpha_grad)
+
+        # gradients of sum(y * LeastSum) + z * clamp(R - B) w.r.t. s, r, alpha
+        s = st.s.clone().requires_grad_(cfg.prune)
+        r = st.r.clone().requires_grad_(cfg.prune and cfg.prune_dims)
+        alpha = st.alpha.detach().clone().requires_grad_(cfg.block_skip)
+        R = self.expected_macs_ratio(s, r, heads, alpha)
+        # the value is clamped to +-z_grad_clip, the gradient always passes: a plain clamp (or torch 1.7's inclusive
+        # one) would freeze every count whenever R starts more than the clip above the budget (B < 0.5)
+        d = R - self.budget
+        Rc = d - (d - d.clamp(-cfg.z_grad_clip, cfg.z_grad_clip)).detach()
+        obj = st.z * Rc
+        if cfg.prune:
+            s_hat, r_hat = ste_ceil(s), ste_ceil(r)
+            obj = obj + (st.y[:, 0] * least_sum(heads, s_hat[:, 0])).sum() \
+                + (st.y[:, 1] * least_sum(neurons, s_hat[:, 1])).sum()
+            if cfg.prune_dims:
+                obj = obj + (st.p * least_sum(dims, r_hat)).sum()
+        if obj.requires_grad:
+            obj.backward()
+        if cfg.prune:
+            st.s = projected_sgd(st.s, s.grad, self.s_max, cfg.count_lr, self._count_scale(self.s_max))
+            if cfg.prune_dims:
+                r_max = torch.full_like(st.r, self.r_max)
+                st.r = projected_sgd(st.r, r.grad, r_max, cfg.count_lr, self._count_scale(r_max))
+        if cfg.block_skip:
+            g = task_alpha_grad + cfg.gating_weight * alpha.grad
+            weight = (st.global_step - 1) % cfg.gating_interval if cfg.gate_grad_weighting == "linear" else 1.0
+            st.gate_buffer.append(g * weight)
+            if st.global_step % cfg.gating_interval == 0:
+                st.alpha.grad = torch.stack(st.gate_buffer).mean(0)
+                self.gate_opt.step()
+                st.alpha.grad = None
+                st.gate_buffer = []
+
+        # dual ascent with the new counts
+        with torch.no_grad():
+            if cfg.prune:
+                s_hat = torch.ceil(st.s)
+                st.y[:, 0] = (st.y[:, 0] + cfg.ylr * least_sum(heads, s_hat[:, 0])).clamp_min(0)
+                st.y[:, 1] = (st.y[:, 1] + cfg.ylr * least_sum(neurons, s_hat[:, 1])).clamp_min(0)
+                if cfg.prune_dims:
+                    st.p = (st.p + cfg.ylr * least_sum(dims, torch.ceil(st.r))).clamp_min(0)
+            R_new = self.expected_macs_ratio(st.s, st.r, heads)
+            st.z = (st.z + self.zlr(epoch) * (R_new - self.budget)).clamp_min(0)
+        _Collective.broadcast_(*st.tensors())  # every rank already agrees; this guarantees it
+        return self._record(epoch, warmup=False, expected_macs_ratio=float(R_new))
+
+    def _count_scale(self, upper: torch.Tensor) -> Optional[torch.Tensor]:
+        """'per_range': step on the kept *fraction* (grad x range, step x range), so that heads, dims and
+        neurons move at comparable speed; 'reference': plain SGD on the counts (UVC's slr/rlr)."""
+        return upper.ceil() if self.cfg.count_lr_mode == "per_range" else None
+
+    def _record(self, epoch: int, warmup: bool, expected_macs_ratio: Optional[float] = None) -> dict:
+        if expected_macs_ratio is None:
+            with torch.no_grad():
+                expected_macs_ratio = float(self.expected_macs_ratio(self.s, self.r, self.scores()[1]))
+        self.last = {"step": self.global_step, "epoch": epoch, "warmup": warmup,
+                     "expected_macs_ratio": expected_macs_ratio, "budget": self.budget, "z": float(self.z),
+                     "heads_removed": torch.ceil(self.s[:, 0]).tolist(),
+                     "neurons_removed": torch.ceil(self.s[:, 1]).tolist(),
+                     "dims_removed": torch.ceil(self.r).tolist(), "keep_prob": self.keep_prob().tolist(),
+                     "y_heads": self.y[:, 0].tolist(), "y_neurons": self.y[:, 1].tolist(),
+                     "p_mean": self.p.mean(-1).tolist()}
+        return self.last
+
+    # ---- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {**self.state.state_dict(), "gate_opt": self.gate_opt.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.state.load_state_dict(sd)
+        self.gate_opt.load_state_dict(sd["gate_opt"])

@@ -1,0 +1,59 @@
+"""UVC optimiser settings: one frozen dataclass, every reference-code quirk a named field (docs/method.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uvclab.errors import UvclabError
+
+# UVC settings for searches of a few hundred steps (notebooks, benchmark, CPU runs). The reference values suit
+# tens of thousands: gates would step a handful of times (gating_interval 50, weight 5e-4); the counts would
+# not reach the budget before the search ends (count_lr 0.02), leaving a large blind cut to the final fit;
+# and the sparsity duals y, p (ylr 1e-4) grow fast enough to pull removed groups back before the budget is
+# met. ylr was chosen on validation accuracy (Fashion-MNIST benchmark, 48 search steps, B = 0.3 and 0.5)
+# among 1e-4, 3e-5 and 1e-5. dims_multiple 8 (not a short-run matter: worth trying at any scale) keeps value
+# widths hardware-friendly: removing 2-3 of 32 dims per head made the exported attention slower, not faster.
+# README, Benchmark, has the numbers.
+SHORT_RUN_UVC = {"gating_interval": 5, "glr": 1.0, "gating_weight": 0.1, "z_grad_clip": 1.0, "count_lr": 0.05,
+                 "ylr": 3e-5, "dims_multiple": 8}
+
+
+@dataclass(frozen=True)
+class UVCSettings:
+    prune: bool = True                  # learn head / dim / neuron counts
+    prune_dims: bool = True             # learn r (dims inside heads)
+    block_skip: bool = True             # learn Gumbel block-skip gates
+    tie_qk: bool = False                # prune q/k dims together with v (beyond the paper; keeps fused SDPA)
+    dims_multiple: int = 1              # the final structure keeps value dims per head in multiples of this
+                                        # (nearest; 8 or 16: hardware-friendly widths, and a head rounded back to
+                                        # the full width runs fused attention); 1: exactly the learned counts
+    macs_formula: str = "exact"         # 'exact' or 'reference' (UVC calc_flops with the corrected rho)
+    count_lr: float = 0.02              # slr = rlr (reference 0.02)
+    count_lr_mode: str = "per_range"    # 'per_range': lr x group count (counts move as fractions); 'reference'
+    ylr: float = 1e-4                   # dual lr of y (heads, neurons) and p (dims)
+    zlr: float = 1.0                    # dual lr of z (budget)
+    zlr_schedule: str = "constant"      # 'constant' (what the reference code really does) or 'increasing' (1,5,9,13,17)
+    z_grad_clip: float = 0.5            # clamp of R - B in the count gradient
+    init_dual: float = 1e-3             # y, p, z start value
+    glr: float = 0.1                    # gate-logit SGD lr (momentum 0.9, wd 1e-4)
+    gating_interval: int = 10           # gate step every N iterations, on the mean of the buffered grads (reference 50)
+    gating_weight: float = 5e-4         # weight of z * dR/dalpha in the gate gradient
+    gate_grad_weighting: str = "uniform"  # 'uniform' or 'linear' (reference quirk: weights 0..interval-1)
+    gumbel_tau: float = 0.5
+    resource_gates: str = "hard"        # gates inside R: 'hard' (the argmax decision the structure will use,
+                                        # gradient of the probability), 'expected' (probabilities), or
+                                        # 'sample' (a fresh soft Gumbel sample, as the reference code)
+    warmup_gate: float = 1.0            # gate value during warm-up (reference: 0.5 mixes every block)
+
+    def __post_init__(self):
+        choices = {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
+                   "zlr_schedule": ("constant", "increasing"), "gate_grad_weighting": ("uniform", "linear"),
+                   "resource_gates": ("hard", "expected", "sample")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UvclabError(f"uvc.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.dims_multiple < 1:
+            raise UvclabError(f"uvc.dims_multiple={self.dims_multiple} must be >= 1.")
+        if self.gating_interval < 1 or self.gumbel_tau <= 0 or not 0 <= self.warmup_gate <= 1:
+            raise UvclabError("uvc.gating_interval must be >= 1, uvc.gumbel_tau > 0, uvc.warmup_gate in [0, 1].")
+
+
