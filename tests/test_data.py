@@ -49,11 +49,25 @@ def test_digits_are_never_augmented(digits):
 def test_augmentation_only_on_train_and_only_when_asked(tmp_path):
     fake_fashion(tmp_path)
     s = load_dataset("fashion_mnist", root=tmp_path, download=False, val_fraction=0.5)
-    torch.manual_seed(0)
-    draws = torch.stack([s.train[0][0] for _ in range(20)])
-    assert (draws != draws[0]).any()  # random crops / flips
-    assert torch.equal(s.val[0][0], s.val[0][0]) and torch.equal(s.test[3][0], s.test[3][0])
     plain = load_dataset("fashion_mnist", root=tmp_path, download=False, val_fraction=0.5, augment=False)
+    pad = s.train.crop_padding
+    assert pad > 0 and s.train.hflip
+    # every draw is exactly one of the (2 pad + 1)^2 zero-padded shifts of the plain image, flipped or not,
+    # and 200 draws reach most of them, flips both ways (a fixed shift, no flip or no shift all fail here)
+    x0 = plain.train[0][0] * data.FASHION_STD[0] + data.FASHION_MEAN[0]
+    padded = torch.nn.functional.pad(x0, (pad,) * 4)
+    h, w = x0.shape[-2:]
+    variants = {(i, j, f): (padded[:, i:i + h, j:j + w].flip(-1) if f else padded[:, i:i + h, j:j + w])
+                for i in range(2 * pad + 1) for j in range(2 * pad + 1) for f in (0, 1)}
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        x = s.train[0][0] * data.FASHION_STD[0] + data.FASHION_MEAN[0]
+        match = [k for k, v in variants.items() if torch.allclose(x, v, atol=1e-5)]
+        assert match, "an augmented image that is no padded shift / flip of the original"
+        seen.update(match)
+    assert {f for _, _, f in seen} == {0, 1} and len({(i, j) for i, j, _ in seen}) >= (2 * pad + 1) ** 2 // 2
+    assert torch.equal(s.val[0][0], s.val[0][0]) and torch.equal(s.test[3][0], s.test[3][0])
     assert torch.equal(plain.train[0][0], plain.train[0][0])
     # augmentation is a crop of the zero-padded [0, 1] image (black borders), then normalization
     shifted = torch.stack([s.train[1][0] for _ in range(50)]) * data.FASHION_STD[0] + data.FASHION_MEAN[0]

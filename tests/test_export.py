@@ -83,9 +83,40 @@ def test_baseline_structures_within_budget(ratio):
         assert uvclab.count(m, s)["macs"] <= ratio * dense
 
 
-def test_bench_reports_measured_speedup():
+def test_bench_takes_the_median_of_alternating_rounds(monkeypatch):
+    """Timings are injected: the result must be the median round of each model, timed in alternation, and
+    MACs counted from the models themselves (FlopCounterMode agrees)."""
+    from uvclab.compare import throughput
+    from uvclab.vit.macs import flop_counter_macs
     m = small_vit(depth=2)
     e = export_model(m, uniform_structure(m, 0.5))
-    r = compare_throughput(m, e, batch_size=4, rounds=1, iters=1, warmup=0)
-    assert r.speedup > 0 and r.exported_macs <= 0.5 * r.dense_macs
-    assert r.efficiency == pytest.approx(r.speedup / (r.dense_macs / r.exported_macs))
+    calls = []
+    times = {id(m): iter([9.0, 2.0, 4.0, 3.0]), id(e): iter([9.0, 1.0, 3.0, 0.5])}  # first: warm-up
+
+    def fake_time(model, x, iters):
+        calls.append("d" if model is m else "e")
+        return next(times[id(model)])
+    monkeypatch.setattr(throughput, "_time_once", fake_time)
+    r = compare_throughput(m, e, batch_size=4, rounds=3, iters=1, warmup=1)
+    assert calls == ["d", "e"] * 4                                  # alternating, warm-up included
+    assert r.dense_img_per_s == pytest.approx(4 / 3.0) and r.exported_img_per_s == pytest.approx(4 / 1.0)
+    assert r.speedup == pytest.approx(3.0)
+    assert r.dense_macs == flop_counter_macs(m) and r.exported_macs == flop_counter_macs(e)
+    assert r.efficiency == pytest.approx(3.0 * r.exported_macs / r.dense_macs)
+
+
+def test_bench_measures_a_much_smaller_model_as_faster():
+    m = small_vit(depth=6)
+    e = export_model(m, depth_structure(m, 0.2))                    # 1 of 6 blocks left: ~5x fewer MACs
+    r = compare_throughput(m, e, batch_size=32, rounds=5, iters=2, warmup=1)
+    assert r.speedup > 1.5, r
+
+
+def test_count_works_on_exported_and_reloaded_models(tmp_path):
+    m = small_vit()
+    s = random_structure(m, 3)
+    e = export_model(m, s, "compact")
+    assert uvclab.count(e) == uvclab.count(m, s, "compact")
+    assert uvclab.count(load_pruned(save_pruned(e, tmp_path / "e")))["macs"] == uvclab.count(m, s, "compact")["macs"]
+    with pytest.raises(UvclabError, match="already exported"):
+        uvclab.count(e, s)

@@ -161,3 +161,48 @@ def test_local_checkpoint_start_and_t2t_backbone(tmp_path):
     assert report["teacher_top1"] == pytest.approx(evaluate(src, splits.test))
     slim = uvclab.load_pruned(tmp_path / "t2t" / "model")
     assert evaluate(slim, splits.test) == pytest.approx(report["top1"])
+
+
+REPORT_KEYS = {"method", "budget", "macs_ratio", "params_ratio", "top1", "val_top1", "val_top1_before_finetune",
+               "teacher_top1", "blocks_kept", "train_images", "macs", "dense_macs"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["magnitude", "uniform", "depth", "torch_pruning"])
+def test_every_method_runs_through_the_same_pipeline(tmp_path, quick_run, method):
+    """`--set method=...`: a one-shot structure, then the same export, fine-tune, report and files as UVC
+    (safetensors + JSON; nothing a loader would unpickle)."""
+    out = tmp_path / method
+    short = ["warmup_epochs=0", "search_epochs=1", "finetune_epochs=1", "max_steps_per_epoch=3", "progress=false"]
+    code = main(["compress", "--out", str(out), "--set", f"method={method}"] + sum((["--set", s] for s in short), []))
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    uvc_report = json.loads((quick_run / "report.json").read_text())
+    assert REPORT_KEYS <= set(report) and set(report) == set(uvc_report)
+    assert report["method"] == method and uvc_report["method"] == "uvc"
+    assert report["macs_ratio"] <= 0.5 and report["train_images"] == (0 + 1 + 1) * 3 * 64  # what UVC would see
+    assert not [p.name for p in out.rglob("*") if p.suffix in (".pt", ".pkl") and p.name != "checkpoint.pt"]
+    model = uvclab.load_pruned(out / "model")
+    assert uvclab.count(model)["macs"] == report["macs"]
+    st = Structure.load(out / "structure.json")
+    assert model.uvclab_export["structure"] == st.to_dict()
+
+
+def test_model_and_data_that_do_not_fit_are_clear_errors(tmp_path):
+    base = QUICK + ["model=deit_tiny_patch16_224", "teacher=null", "dataset=digits"]
+    with pytest.raises(UvclabError, match=r"does not fit the digits images \(1x8x8\).*model_kwargs.img_size"):
+        train.compress(load_config(overrides=base), tmp_path / "a")
+    with pytest.raises(UvclabError, match="in_chans=3 but digits has in_chans=1"):
+        train.compress(load_config(overrides=base + ["model_kwargs.in_chans=3"]), tmp_path / "b")
+    with pytest.raises(UvclabError, match="num_classes=1000 but digits has num_classes=10"):
+        train.compress(load_config(overrides=base + ["model_kwargs.num_classes=1000"]), tmp_path / "c")
+
+
+def test_a_named_model_takes_channels_classes_and_size_from_the_data(tmp_path):
+    kw = ["model_kwargs.patch_size=2", "model_kwargs.embed_dim=24", "model_kwargs.depth=2",
+          "model_kwargs.num_heads=2"]
+    cfg = quick_cfg("model=deit_tiny_patch16_224", "teacher=null", "finetune_epochs=0", "search_epochs=1",
+                    "warmup_epochs=0", "max_steps_per_epoch=2", *kw)
+    report = train.compress(cfg, tmp_path / "named")
+    assert report["model"]["kwargs"] | {} == {"img_size": 8, "in_chans": 1, "num_classes": 10, "patch_size": 2,
+                                             "embed_dim": 24, "depth": 2, "num_heads": 2}

@@ -1,5 +1,11 @@
-"""uvclab: compress Vision Transformers with UVC (Unified Visual Transformer Compression, ICLR 2022)."""
-__version__ = "0.1.0"
+"""uvclab: compress Vision Transformers with UVC (Unified Visual Transformer Compression, ICLR 2022).
+
+Layers, low to high (each imports only from those below it): `vit` (models, gating, Structure, MACs, export),
+`prune` (one-shot structures, the budget fit), `uvc` (the primal-dual search), `engine` (config, data,
+the training loop, compress, teachers), `compare` (throughput, benchmark, run folders), `ui` (CLI, figures,
+widgets). This module is the curated public API.
+"""
+__version__ = "0.2.0"
 
 from uvclab.errors import UvclabError  # noqa: E402
 from uvclab.vit.models import create_vit  # noqa: E402
@@ -7,7 +13,12 @@ from uvclab.vit.gated import gate_vit, explicit_attention  # noqa: E402
 from uvclab.vit.structure import Structure, BlockStructure, apply_structure  # noqa: E402
 from uvclab.vit.macs import count, macs_table, vit_shape, expected_macs  # noqa: E402
 from uvclab.vit.export import export_model, save_pruned, load_pruned  # noqa: E402
+from uvclab.uvc import UVCPrimalDual, UVCSettings  # noqa: E402
+from uvclab.engine.config import CompressConfig, TeacherConfig, load_config  # noqa: E402
+from uvclab.engine.compress import compress  # noqa: E402
+from uvclab.engine.teacher import load_teacher, train_teacher  # noqa: E402
 
 __all__ = ["UvclabError", "create_vit", "gate_vit", "explicit_attention", "Structure", "BlockStructure",
            "apply_structure", "count", "macs_table", "vit_shape", "expected_macs", "export_model",
-           "save_pruned", "load_pruned"]
+           "save_pruned", "load_pruned", "UVCPrimalDual", "UVCSettings", "CompressConfig", "TeacherConfig",
+           "load_config", "compress", "load_teacher", "train_teacher"]

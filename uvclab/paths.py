@@ -25,3 +25,10 @@ def runs_dir() -> Path:
 
 def default_teacher(dataset: str) -> Path:
     return teachers_dir() / f"{dataset}_vit.json"
+
+
+def notebook_runs(runs_root: str = "") -> Path:
+    """Where the notebooks read and write runs: `runs_root` ("" = runs_dir()/notebooks); relative paths are
+    taken from the repository root, so a notebook finds the same folder wherever its kernel starts."""
+    root = Path(runs_root) if runs_root else runs_dir() / "notebooks"
+    return root if root.is_absolute() else REPO_ROOT / root

@@ -21,19 +21,14 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from uvclab.engine.config import CompressConfig, load_config
+from uvclab.engine.config import ABLATIONS, CompressConfig, load_config
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write_text
 
 VARIANTS = {  # benchmark label -> config overrides; every label runs through the same `compress`
-    "uvc": {"method": "uvc"},
-    "uvc_no_kd": {"method": "uvc", "kd": "none"},
-    "uvc_prune_only": {"method": "uvc", "uvc.block_skip": False},
-    "uvc_skip_only": {"method": "uvc", "uvc.prune": False, "uvc.prune_dims": False},
-    "uniform": {"method": "uniform"},
-    "magnitude": {"method": "magnitude"},
-    "torch_pruning": {"method": "torch_pruning"},
-    "depth": {"method": "depth"},
+    **{("uvc" if a == "uvc" else f"uvc_{a}"): {"method": "uvc", **ABLATIONS[a]}
+       for a in ("uvc", "no_kd", "prune_only", "skip_only")},
+    **{m: {"method": m} for m in ("uniform", "magnitude", "torch_pruning", "depth")},
 }
 UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
 ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)

@@ -107,3 +107,19 @@ def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     return pd.DataFrame(rows).sort_values(["dataset", "model_name", "budget", "name"],
                                           ignore_index=True)
+
+
+def search_summary(run_dir: str | Path) -> dict:
+    """How a run's search ended, from metrics.jsonl: steps, final expected MACs ratio R and dual z, the
+    largest z, the hard structure's MACs ratio and validation at the last search epoch, best fine-tune
+    validation. NaN where the run has no search (one-shot methods)."""
+    nan = float("nan")
+    m = read_metrics(run_dir)
+    s = m[m.stage == "search"] if "stage" in m else m.iloc[:0]
+    ep = m[m.stage == "search_epoch"] if "stage" in m else m.iloc[:0]
+    ft = m[m.stage == "finetune_epoch"] if "stage" in m else m.iloc[:0]
+    last = lambda df, col: df[col].iloc[-1] if len(df) and col in df else nan  # noqa: E731
+    return {"search_steps": len(s), "final_R": last(s, "expected_macs_ratio"), "final_z": last(s, "z"),
+            "max_z": s["z"].max() if len(s) else nan, "last_epoch_structure_macs": last(ep, "structure_macs_ratio"),
+            "last_epoch_val_hard": last(ep, "val_top1_hard"),
+            "best_finetune_val": ft["val_top1"].max() if len(ft) else nan}

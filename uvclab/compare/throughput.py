@@ -62,11 +62,7 @@ def compare_throughput(dense: torch.nn.Module, exported: torch.nn.Module, batch_
         te.append(_time_once(exported, x, iters))
     td_med, te_med = sorted(td)[len(td) // 2], sorted(te)[len(te) // 2]
     dm = dense_macs if dense_macs is not None else count(vit_shape(dense))["macs"]
-    em = exported_macs
-    if em is None:
-        from uvclab.vit.structure import Structure
-        meta = exported.uvclab_export
-        em = count(vit_shape(dense), Structure.from_dict(meta["structure"]), meta["layout"])["macs"]
+    em = exported_macs if exported_macs is not None else count(exported)["macs"]
     speedup = td_med / te_med
     return BenchResult(batch_size, batch_size / td_med, batch_size / te_med, speedup, dm, em, dm / em,
                        speedup / (dm / em))

@@ -72,9 +72,10 @@ def build_models(cfg: CompressConfig):
             load_state_dict_file(student, cfg.checkpoint)
         student.uvclab_config = teacher.uvclab_config
     check_model_fits_data(teacher, "the teacher", splits)
-    if cfg.eval_max_samples is not None:  # quick runs: the first N of the (already shuffled) val / test splits
-        cap = lambda ds: torch.utils.data.Subset(ds, range(min(cfg.eval_max_samples, len(ds))))  # noqa: E731
-        splits = dataclasses.replace(splits, val=cap(splits.val), test=cap(splits.test))
+    # quick runs: the first N of the (already shuffled) validation / test splits
+    cap = lambda ds, n: ds if n is None else torch.utils.data.Subset(ds, range(min(n, len(ds))))  # noqa: E731
+    splits = dataclasses.replace(splits, val=cap(splits.val, cfg.eval_max_samples),
+                                 test=cap(splits.test, cfg.test_max_samples))
     if hasattr(student, "set_distilled_training"):
         student.set_distilled_training(cfg.kd != "none")
     for p in teacher.parameters():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
@@ -20,6 +20,13 @@ from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
 from uvclab.uvc.settings import UVCSettings
 
 METHODS = ("uvc", "magnitude", "uniform", "depth", "torch_pruning")  # structure strategies of `compress`
+ABLATIONS = {  # UVC with one ingredient changed: name -> dotted config overrides (notebook 03, the benchmark)
+    "uvc": {},
+    "hard_kd": {"kd": "hard"},
+    "no_kd": {"kd": "none"},
+    "prune_only": {"uvc.block_skip": False},
+    "skip_only": {"uvc.prune": False, "uvc.prune_dims": False},
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,8 @@ class CompressConfig:
                                          # matmuls) | fused (one padded width per layer, fused SDPA)
     budget_slack: float = 0.02           # the final structure lands in [B - slack, B]
     max_steps_per_epoch: Optional[int] = None  # cap for quick runs
-    eval_max_samples: Optional[int] = None  # cap on validation and test images (quick runs; in report.json)
+    eval_max_samples: Optional[int] = None  # cap on validation images (quick runs; in report.json)
+    test_max_samples: Optional[int] = None  # cap on test images (None: the whole test split, for reported numbers)
     threads: Optional[int] = None        # torch CPU threads (None: torch's default)
     num_workers: int = 0
     progress: bool = True                # tqdm bars
@@ -78,7 +86,7 @@ class CompressConfig:
                 raise UvclabError(f"{name} must be >= 0.")
         if self.batch_size < 1 or self.lr <= 0 or self.finetune_lr <= 0:
             raise UvclabError("batch_size, lr and finetune_lr must be positive.")
-        for name in ("max_steps_per_epoch", "eval_max_samples", "threads"):
+        for name in ("max_steps_per_epoch", "eval_max_samples", "test_max_samples", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UvclabError(f"{name} must be >= 1 (or null for no limit).")
         if not 0 <= self.kd_alpha <= 1:
@@ -197,18 +205,23 @@ def read_yaml(path: Optional[str | Path]) -> dict:
     return d
 
 
-def parse_overrides(items: Optional[list[str]], into: Optional[dict] = None) -> dict:
+def parse_overrides(items, into: Optional[dict] = None) -> dict:
     """The one `--set key=value` parser: values read as YAML (numbers, true/false/null, lists), dotted keys
-    reach nested groups (`uvc.glr=0.05`, `model_kwargs.depth=6`). Returns `into` updated (a new dict if None)."""
+    reach nested groups (`uvc.glr=0.05`, `model_kwargs.depth=6`). `items` is a list of 'key=value' strings or
+    a mapping of dotted keys to values (notebook parameters). Returns `into` updated (a new dict if None)."""
     d = {} if into is None else into
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UvclabError(f"--set expects key=value (e.g. --set macs_ratio=0.3), got '{item}'.")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
+    pairs = items.items() if isinstance(items, Mapping) else [(i, None) for i in items or []]
+    for item, given in pairs:
+        if isinstance(items, Mapping):
+            key, parsed = item, given
+        else:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise UvclabError(f"--set expects key=value (e.g. --set macs_ratio=0.3), got '{item}'.")
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = value
         target = d
         *parents, leaf = key.strip().split(".")
         for part in parents:
@@ -223,6 +236,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
                 **kwargs: Any) -> CompressConfig:
     """Defaults <- YAML file <- kwargs <- `key=value` overrides (dotted keys reach `uvc.`)."""
     return CompressConfig.from_dict(parse_overrides(overrides, dict(read_yaml(path), **kwargs)))
+
+
+def config_from_parameters(params: Mapping, overrides=None, **extra: Any) -> CompressConfig:
+    """A CompressConfig from a notebook's parameter variables: every name in `params` (e.g. `globals()` after
+    the papermill cell) that is a config field, then `extra`, then dotted `overrides`; progress bars off."""
+    fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    d = {k: v for k, v in params.items() if k in fields and not k.startswith("_")}
+    return CompressConfig.from_dict(parse_overrides(overrides, dict(d, progress=False, **extra)))
 
 
 def load_teacher_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,

@@ -138,7 +138,14 @@ def macs_table(model_or_shape, structure: Optional[Structure] = None, layout: La
 
 
 def count(model_or_shape, structure: Optional[Structure] = None, layout: Layout = DEFAULT_LAYOUT) -> dict[str, int]:
-    """{'macs': int, 'params': int} of the dense model (structure None) or of the exported structure."""
+    """{'macs': int, 'params': int} of the dense model (structure None) or of the exported structure.
+    An exported model (`export_model`, `load_pruned`) counts as what it is: its own structure and layout."""
+    if getattr(model_or_shape, "uvclab_export", None) is not None:
+        if structure is not None:
+            raise UvclabError("This model is already exported: count(model) gives its MACs; a structure applies "
+                              "to the dense model it came from.")
+        from uvclab.vit.export import count_exported  # same layer; export itself counts through this module
+        return count_exported(model_or_shape)
     t = macs_table(model_or_shape, structure, layout)
     return {"macs": int(t.macs.sum()), "params": int(t.params.sum())}
 
