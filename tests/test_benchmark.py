@@ -51,13 +51,20 @@ def test_script_runs_every_method_and_writes_results(tmp_path):
 
 def test_extra_seeds_go_to_uvc_and_the_best_baseline_on_validation(tmp_path):
     protocol = Protocol(budgets=(0.6, 0.5), methods=("uvc", "uniform", "depth"), seeds=(0,), extra_seeds=(1,),
-                        seed_budgets=(0.5, 0.3), config=TINY, speed_rounds=1, speed_batch_size=8)
+                        seed_budgets=(0.5, 0.3), seed_methods="best", config=TINY, speed_rounds=1,
+                        speed_batch_size=8)
     df = run_benchmark(protocol, tmp_path, workers=1, log=lambda *_: None)
     reports = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*_s0/report.json")]
     best = best_baseline(reports, 0.5)
     assert best in ONE_SHOT_METHODS
     assert sorted(df[df.seed == 1].method) == sorted(["uvc", best])       # 0.3 is not a protocol budget
     assert set(df[df.seed == 1].budget) == {0.5} and len(df) == 8
+
+
+def test_extra_seeds_for_every_listed_method():
+    protocol = Protocol(budgets=(0.5, 0.3), methods=("uvc", "uvc_no_kd", "magnitude"), extra_seeds=(1, 2),
+                        seed_budgets=(0.5, 0.3), seed_methods=("uvc", "magnitude"), config=TINY)
+    assert protocol.base_config("magnitude", 0.5, 1).uvc == protocol.base_config("uniform", 0.3, 0).uvc  # unused
 
 
 def test_unknown_method_is_a_clear_error():

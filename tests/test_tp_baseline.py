@@ -90,3 +90,23 @@ def test_unreachable_budget_and_no_batches(model):
         torch_pruning_to_budget(model, 0.01, calib(1), iterative_steps=5)
     with pytest.raises(UvclabError, match="calibration batch"):
         torch_pruning_to_budget(model, 0.5, [])
+
+
+@pytest.mark.parametrize("ratio", [0.7, 0.3])
+def test_kept_structure_exports_the_same_model(model, pruned, ratio):
+    """The Torch-Pruning result as a uvclab Structure: exporting the dense model with it gives the pruned
+    model's outputs and MACs (so the baseline is saved and loaded like every other method)."""
+    import uvclab
+    from uvclab.prune.tp import kept_structure
+    st = kept_structure(model, pruned[ratio])
+    slim = uvclab.export_model(model, st, "compact")
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(slim(x), pruned[ratio](x), rtol=1e-4, atol=1e-5)
+    assert uvclab.count(model, st, "compact")["macs"] == flop_counter_macs(pruned[ratio]) == flop_counter_macs(slim)
+    assert [len(b.heads) for b in st.blocks] == [blk.attn.num_heads for blk in pruned[ratio].blocks]
+
+
+def test_isomorphic_pruning_ranks_within_group_kinds(model):
+    iso = torch_pruning_to_budget(model, 0.5, calib(), isomorphic=True)
+    assert flop_counter_macs(iso) <= 0.5 * flop_counter_macs(model)
+    assert sum(b.mlp.fc1.out_features for b in iso.blocks) < sum(b.mlp.fc1.out_features for b in model.blocks)

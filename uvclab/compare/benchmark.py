@@ -28,7 +28,7 @@ from uvclab.io_utils import atomic_write_text
 VARIANTS = {  # benchmark label -> config overrides; every label runs through the same `compress`
     **{("uvc" if a == "uvc" else f"uvc_{a}"): {"method": "uvc", **ABLATIONS[a]}
        for a in ("uvc", "no_kd", "prune_only", "skip_only")},
-    **{m: {"method": m} for m in ("uniform", "magnitude", "torch_pruning", "depth")},
+    **{m: {"method": m} for m in ("uniform", "magnitude", "torch_pruning", "isomorphic", "depth")},
 }
 UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
 ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)
@@ -43,8 +43,9 @@ class Protocol:
     budgets: tuple = (0.7, 0.5, 0.3)
     methods: tuple = METHODS
     seeds: tuple = (0,)
-    extra_seeds: tuple = (1, 2)          # at each of `seed_budgets`: UVC and the best baseline (chosen on validation)
+    extra_seeds: tuple = (1, 2)          # more seeds at each of `seed_budgets`, for `seed_methods`
     seed_budgets: tuple = (0.5,)
+    seed_methods: Optional[tuple] = None  # None: every method; "best": UVC and the best baseline on validation
     config: dict = dataclasses.field(default_factory=dict)
     speed_batch_size: int = 64
     speed_rounds: int = 15
@@ -55,7 +56,7 @@ class Protocol:
         if method not in METHODS:
             raise UvclabError(f"Unknown method '{method}'. Choose from: {', '.join(METHODS)}.")
         d = dict(self.config, macs_ratio=budget, seed=seed, progress=False)
-        uvc = dict(d.pop("uvc", {}))
+        uvc = dict(d.pop("uvc", {})) if VARIANTS[method]["method"] == "uvc" else {}  # one-shot: UVC settings unused
         for k, v in VARIANTS[method].items():
             if k.startswith("uvc."):
                 uvc[k[4:]] = v
@@ -137,8 +138,8 @@ def best_baseline(reports: list[dict], budget: float) -> Optional[str]:
 
 
 def run_benchmark(protocol: Protocol, out: str | Path, workers: int = 1, log=print) -> pd.DataFrame:
-    """All (method, budget, seed) runs, then extra seeds at `seed_budgets` for UVC and the best baseline there,
-    then speed; returns the results table (one row per run)."""
+    """All (method, budget, seed) runs, then extra seeds at `seed_budgets` (for `seed_methods`), then speed;
+    returns the results table (one row per run)."""
     out = Path(out)
     runs = out / "runs"
 
@@ -148,7 +149,10 @@ def run_benchmark(protocol: Protocol, out: str | Path, workers: int = 1, log=pri
     reports = run_jobs(jobs_for(protocol.methods, protocol.budgets, protocol.seeds), workers, log)
     extra = []
     for budget in [b for b in protocol.seed_budgets if b in protocol.budgets] if protocol.extra_seeds else []:
-        methods = [m for m in ("uvc", best_baseline(reports, budget)) if m in protocol.methods]
+        if protocol.seed_methods == "best":
+            methods = [m for m in ("uvc", best_baseline(reports, budget)) if m in protocol.methods]
+        else:
+            methods = [m for m in protocol.methods if protocol.seed_methods is None or m in protocol.seed_methods]
         log(f"extra seeds {protocol.extra_seeds} at B={budget}: {methods}")
         extra += jobs_for(methods, [budget], protocol.extra_seeds)
     run_jobs(extra, workers, log)

@@ -19,7 +19,7 @@ from uvclab.errors import UvclabError
 from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
 from uvclab.uvc.settings import UVCSettings
 
-METHODS = ("uvc", "magnitude", "uniform", "depth", "torch_pruning")  # structure strategies of `compress`
+METHODS = ("uvc", "magnitude", "uniform", "depth", "torch_pruning", "isomorphic")  # structure strategies
 ABLATIONS = {  # UVC with one ingredient changed: name -> dotted config overrides (notebook 03, the benchmark)
     "uvc": {},
     "hard_kd": {"kd": "hard"},
@@ -32,7 +32,7 @@ ABLATIONS = {  # UVC with one ingredient changed: name -> dotted config override
 @dataclass(frozen=True)
 class CompressConfig:
     method: str = "uvc"                  # structure strategy: uvc (the search) | magnitude | uniform | depth |
-                                         # torch_pruning (one-shot cuts of the teacher; they fine-tune for the
+                                         # torch_pruning | isomorphic (one-shot cuts; they fine-tune for the
                                          # warm-up + search epochs too, so every method sees the same images)
     model: Optional[str] = None          # timm name; None = the teacher's architecture
     model_kwargs: dict = field(default_factory=dict)  # timm kwargs (img_size, depth, num_classes, ...)

@@ -3,7 +3,8 @@
 `uvc` is the primal-dual search (`uvclab.engine.search`); the others cut the teacher's weights in one shot:
 `magnitude` (global magnitude structured pruning), `uniform` (the same kept fraction in every block),
 `depth` (drop whole blocks, greedily by validation accuracy), `torch_pruning` (Torch-Pruning's global group
-Taylor pruning, expressed as a Structure). Every strategy returns a Structure, so every method is exported,
+Taylor pruning, expressed as a Structure), `isomorphic` (the same with Isomorphic Pruning's ranking within
+structurally identical groups, Fang et al., ECCV 2024). Every strategy returns a Structure, so every method is exported,
 fine-tuned, saved and reported the same way.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from uvclab.errors import UvclabError
 from uvclab.prune import baselines
 from uvclab.vit.structure import Structure
 
-ONE_SHOT = ("magnitude", "uniform", "depth", "torch_pruning")
+ONE_SHOT = ("magnitude", "uniform", "depth", "torch_pruning", "isomorphic")
 
 
 def one_shot_structure(cfg: CompressConfig, model: torch.nn.Module, teacher: torch.nn.Module, splits) -> Structure:
@@ -35,11 +36,11 @@ def one_shot_structure(cfg: CompressConfig, model: torch.nn.Module, teacher: tor
             with masked(model, st):
                 return evaluate(model, probe)
         return baselines.depth_structure(model, cfg.macs_ratio, score=score)
-    if cfg.method == "torch_pruning":
+    if cfg.method in ("torch_pruning", "isomorphic"):
         from uvclab.prune.tp import torch_pruning_structure
         plain = copy.deepcopy(teacher)                 # a plain timm model with the student's weights
         plain.load_state_dict(model.state_dict())
         plain.requires_grad_(True)
         calib = [b for _, b in zip(range(4), seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 - 1))]
-        return torch_pruning_structure(plain, cfg.macs_ratio, calib)
+        return torch_pruning_structure(plain, cfg.macs_ratio, calib, isomorphic=cfg.method == "isomorphic")
     raise UvclabError(f"'{cfg.method}' is not a one-shot method; choose one of {ONE_SHOT}.")

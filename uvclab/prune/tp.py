@@ -52,12 +52,15 @@ def _sync_timm(model: torch.nn.Module, pruner) -> None:
 
 def torch_pruning_to_budget(model: torch.nn.Module, macs_ratio: float, batches: Iterable, *,
                             input_shape: Optional[tuple[int, ...]] = None, iterative_steps: int = 40,
-                            prune_embed: bool = False, loss_fn: Optional[Callable] = None) -> torch.nn.Module:
+                            prune_embed: bool = False, loss_fn: Optional[Callable] = None,
+                            isomorphic: bool = False) -> torch.nn.Module:
     """A pruned deep copy of the timm `VisionTransformer` `model` with at most `macs_ratio` of its MACs.
 
     Heads and MLP neurons are pruned together by torch-pruning (global ranking, Taylor importance from
     `loss_fn(model(x), y)` summed over the (x, y) `batches`, cross-entropy by default) on a linear schedule of
-    `iterative_steps` steps up to MAX_PRUNING_RATIO, stopping at the first step within the budget. The embedding
+    `iterative_steps` steps up to MAX_PRUNING_RATIO, stopping at the first step within the budget. With
+    `isomorphic=True` groups are ranked only against groups of the same graph structure (Isomorphic Pruning,
+    Fang et al., ECCV 2024: heads against heads, MLP neurons against neurons). The embedding
     width (residual stream) is kept unless `prune_embed`. The result carries
     `uvclab_tp = {"macs", "dense_macs", "macs_ratio", "steps"}` (MACs per image); all its parameters require grad."""
     macs_ratio = budget_lib.check_budget(macs_ratio)
@@ -86,7 +89,7 @@ def torch_pruning_to_budget(model: torch.nn.Module, macs_ratio: float, batches: 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # cls/pos: last dim is right
         pruner = pruner_cls(
-            pruned, example, importance=importance_cls(), global_pruning=True,
+            pruned, example, importance=importance_cls(), global_pruning=True, isomorphic=isomorphic,
             pruning_ratio=MAX_PRUNING_RATIO, head_pruning_ratio=MAX_PRUNING_RATIO,
             max_pruning_ratio=MAX_PRUNING_RATIO, iterative_steps=iterative_steps, ignored_layers=ignored,
             num_heads={blk.attn.qkv: blk.attn.num_heads for blk in pruned.blocks},

@@ -144,7 +144,11 @@ def save_pruned(model: nn.Module, path: str | Path, extra: Optional[dict] = None
 
 
 def count_exported(model: nn.Module) -> dict[str, int]:
+    """MACs / params of an exported model, from its structure and the dense architecture it was cut from."""
     meta = model.uvclab_export
+    if not meta.get("model"):
+        raise UvclabError("This export does not record its dense architecture (the model was not made by "
+                          "uvclab.create_vit); count the dense model with its structure: count(dense, structure).")
     base = _skeleton_base(meta["model"])
     return count(base, Structure.from_dict(meta["structure"]), meta["layout"])
 
