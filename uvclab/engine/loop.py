@@ -140,13 +140,15 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int = 256) -> float:
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
-    for x, y in seeded_loader_eval(dataset, batch_size):
+    for x, y in _eval_loader(dataset, batch_size):
         correct += (model(x.to(device)).argmax(-1).cpu() == y).sum().item()
         total += len(y)
     model.train(was_training)
     return 100.0 * correct / max(total, 1)
 
 
-def seeded_loader_eval(dataset, batch_size: int) -> torch.utils.data.DataLoader:
-    """In-order, unsharded batches (every rank evaluates the whole set)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+def _eval_loader(dataset, batch_size: int) -> torch.utils.data.DataLoader:
+    """In-order, unsharded batches (every rank evaluates the whole set). Its own generator: a DataLoader
+    without one draws its base seed from the global RNG, which would shift the search's Gumbel noise."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                       generator=torch.Generator().manual_seed(0))
