@@ -100,6 +100,8 @@ def plot_search_trace(metrics_df: pd.DataFrame) -> Figure:
     _shade_warmup(a2, s)
     a1.plot(s["step"], s["expected_macs_ratio"], color="C0", lw=1.5, label="expected MACs ratio R")
     a1.plot(s["step"], s["budget"], color="k", ls="--", lw=1.2, label="budget B")
+    if "target" in s and (s["target"] != s["budget"]).any():   # a budget schedule walks the target down to B
+        a1.plot(s["step"], s["target"], color="0.45", ls=":", lw=1.2, label="target (schedule)")
     ep = metrics_df[metrics_df["stage"] == "search_epoch"] if "stage" in metrics_df else pd.DataFrame()
     if not ep.empty and "structure_macs_ratio" in ep:
         end_step = s.groupby("epoch")["step"].max()            # epoch -> its last step
