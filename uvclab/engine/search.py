@@ -49,7 +49,8 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world() > 1 else model
     epochs = cfg.warmup_epochs + cfg.search_epochs
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
-    uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs)
+    uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs,
+                        total_steps=cfg.search_epochs * steps)
     opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
     start = 0
     if ckpt is not None and ckpt["stage"] == "search":

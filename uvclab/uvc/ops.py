@@ -59,3 +59,11 @@ def projected_sgd(x: torch.Tensor, grad: Optional[torch.Tensor], upper: torch.Te
         g = g / norm
     new = (x - lr * (g if scale is None else g * scale)).clamp_min(0)
     return torch.minimum(new, upper.expand_as(new) if upper.dim() else upper)
+
+
+def per_mac(grad: Optional[torch.Tensor], dR: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """grad / |dR| elementwise (0 where the count saves no MACs): a count step in units of the price z."""
+    if grad is None or dR is None:
+        return grad
+    mag = dR.abs()
+    return torch.where(mag > 0, grad / mag.clamp_min(1e-30), torch.zeros_like(grad))

@@ -10,6 +10,7 @@ Under torchrun every rank holds the same state: the few collective calls live in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from uvclab.uvc.ops import least_sum, projected_sgd, selected_mask, ste_ceil
+from uvclab.uvc.ops import least_sum, per_mac, projected_sgd, selected_mask, ste_ceil
 from uvclab.uvc.settings import UVCSettings
 from uvclab.vit.macs import VitShape, check_budget, expected_macs, vit_shape
 
@@ -31,21 +32,23 @@ class UVCState:
     y: torch.Tensor                     # (L, 2) duals of the head / neuron sparsity constraints
     p: torch.Tensor                     # (L, H) duals of the dim sparsity constraints
     z: torch.Tensor                     # () dual of the budget
-    global_step: int = 0
+    xi: torch.Tensor                    # () 'pi' controller: EMA of the budget violation
+    global_step: int = 0                # every step, warm-up included
+    search_step: int = 0                # steps after warm-up (the budget schedule's clock)
     gate_buffer: list = field(default_factory=list)   # gate gradients since the last gate step
 
-    TENSORS = ("s", "r", "alpha", "y", "p", "z")
+    TENSORS = ("s", "r", "alpha", "y", "p", "z", "xi")
 
     @classmethod
     def initial(cls, L: int, H: int, init_dual: float, device) -> "UVCState":
         return cls(s=torch.zeros(L, 2, device=device), r=torch.zeros(L, H, device=device),
                    alpha=torch.tensor([[-1.0, 1.0]] * L, device=device, requires_grad=True),
                    y=torch.full((L, 2), init_dual, device=device), p=torch.full((L, H), init_dual, device=device),
-                   z=torch.tensor(init_dual, device=device))
+                   z=torch.tensor(init_dual, device=device), xi=torch.tensor(0.0, device=device))
 
     def state_dict(self) -> dict:
-        return {**{k: getattr(self, k).detach().clone() for k in self.TENSORS},
-                "global_step": self.global_step, "gate_buffer": [t.clone() for t in self.gate_buffer]}
+        return {**{k: getattr(self, k).detach().clone() for k in self.TENSORS}, "global_step": self.global_step,
+                "search_step": self.search_step, "gate_buffer": [t.clone() for t in self.gate_buffer]}
 
     def load_state_dict(self, sd: dict) -> None:
         for k in self.TENSORS:
@@ -54,7 +57,7 @@ class UVCState:
                     self.alpha.copy_(sd["alpha"])
             else:
                 setattr(self, k, sd[k].clone().to(getattr(self, k).device))
-        self.global_step = int(sd["global_step"])
+        self.global_step, self.search_step = int(sd["global_step"]), int(sd["search_step"])
         self.gate_buffer = [t.clone() for t in sd["gate_buffer"]]
 
     def tensors(self) -> list[torch.Tensor]:
@@ -87,7 +90,7 @@ class UVCPrimalDual:
     """Holds a `UVCState` for one gated model and performs UVC's per-iteration update at budget `budget`."""
 
     def __init__(self, model: torch.nn.Module, settings: UVCSettings, budget: float = 0.5,
-                 dense_macs: Optional[int] = None, total_epochs: int = 1):
+                 dense_macs: Optional[int] = None, total_epochs: int = 1, total_steps: Optional[int] = None):
         self.model, self.cfg, self.budget = model, settings, check_budget(budget)
         self.shape: VitShape = vit_shape(model)
         L, H = self.shape.depth, self.shape.num_heads
@@ -98,6 +101,7 @@ class UVCPrimalDual:
         self.r_max = float(self.shape.head_dim - 1 - 1e-8)
         self.gate_opt = torch.optim.SGD([self.state.alpha], lr=settings.glr, momentum=0.9, weight_decay=1e-4)
         self.total_epochs = total_epochs
+        self.total_steps = total_steps          # search steps after warm-up (the budget schedule's length)
         self.last: dict = {}
 
     # the state's tensors, by their paper names
@@ -116,8 +120,19 @@ class UVCPrimalDual:
 
     # ---- group scores (vectorised) -----------------------------------------------------------------
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dim (L, H, Dh), head (L, H), neuron (L, M) squared L2 norms of proj / fc2 input columns."""
+        """dim (L, H, Dh), head (L, H), neuron (L, M) squared L2 norms of proj / fc2 input columns ('proj'), or
+        of all the group's weights ('group')."""
         H, Dh = self.shape.num_heads, self.shape.head_dim
+        if self.cfg.group_score == "group":
+            dims, heads, neurons = [], [], []
+            for b in self.model.blocks:
+                qkv = b.attn.qkv.weight.detach().float().pow(2).sum(1).view(3, H, Dh)   # (3, H, Dh) row norms
+                d = qkv[2] + b.attn.proj.weight.detach().float().pow(2).sum(0).view(H, Dh)
+                dims.append(d)
+                heads.append(d.sum(-1) + qkv[0].sum(-1) + qkv[1].sum(-1))
+                neurons.append(b.mlp.fc1.weight.detach().float().pow(2).sum(1)
+                               + b.mlp.fc2.weight.detach().float().pow(2).sum(0))
+            return torch.stack(dims), torch.stack(heads), torch.stack(neurons)
         dims = torch.stack([b.attn.proj.weight.detach().float().pow(2).sum(0).view(H, Dh) for b in self.model.blocks])
         neurons = torch.stack([b.mlp.fc2.weight.detach().float().pow(2).sum(0) for b in self.model.blocks])
         return dims, dims.sum(-1), neurons
@@ -185,12 +200,19 @@ class UVCPrimalDual:
             sel_dims = selected_mask(dims, r_hat)                              # (L, H, Dh)
             col = col / (1 + 2 * lr * self.p[..., None] * sel_dims)
         sel_heads = selected_mask(heads, s_hat[:, 0])                          # (L, H)
-        col = col / (1 + 2 * lr * self.y[:, 0, None, None] * sel_heads[..., None])
+        head_scale = 1 / (1 + 2 * lr * self.y[:, 0, None, None] * sel_heads[..., None])  # (L, H, 1)
+        col = col * head_scale
         sel_neurons = selected_mask(neurons, s_hat[:, 1])                      # (L, M)
         neuron_scale = 1 / (1 + 2 * lr * self.y[:, 1, None] * sel_neurons)
+        whole = self.cfg.group_score == "group"  # shrink every weight of the group, not only the proj / fc2 side
         for l, blk in enumerate(self.model.blocks):
             blk.attn.proj.weight.mul_(col[l].reshape(1, -1).to(blk.attn.proj.weight.dtype))
             blk.mlp.fc2.weight.mul_(neuron_scale[l][None].to(blk.mlp.fc2.weight.dtype))
+            if whole:
+                qk = head_scale[l].expand_as(col[l]).reshape(-1)               # q, k rows: the head's factor
+                rows = torch.cat([qk, qk, col[l].reshape(-1)])                 # v rows: head and dim factors
+                blk.attn.qkv.weight.mul_(rows[:, None].to(blk.attn.qkv.weight.dtype))
+                blk.mlp.fc1.weight.mul_(neuron_scale[l][:, None].to(blk.mlp.fc1.weight.dtype))
 
     def step(self, lr: float, epoch: int, warmup: bool) -> dict:
         """The UVC update after the weight step at learning rate `lr`; returns a log record."""
@@ -213,22 +235,35 @@ class UVCPrimalDual:
         R = self.expected_macs_ratio(s, r, heads, alpha)
         # the value is clamped to +-z_grad_clip, the gradient always passes: a plain clamp (or torch 1.7's inclusive
         # one) would freeze every count whenever R starts more than the clip above the budget (B < 0.5)
-        d = R - self.budget
+        target = self.target()
+        st.search_step += 1
+        d = R - target
         Rc = d - (d - d.clamp(-cfg.z_grad_clip, cfg.z_grad_clip)).detach()
         obj = st.z * Rc
         if cfg.prune:
             s_hat, r_hat = ste_ceil(s), ste_ceil(r)
-            obj = obj + (st.y[:, 0] * least_sum(heads, s_hat[:, 0])).sum() \
-                + (st.y[:, 1] * least_sum(neurons, s_hat[:, 1])).sum()
+            if cfg.count_grad == "importance":  # one shared multiplier on scores normalised across group types
+                yh = yn = pd = 1 / (heads.sum() + neurons.sum()).clamp_min(1e-12)
+            else:
+                yh, yn, pd = st.y[:, 0], st.y[:, 1], st.p
+            obj = obj + (yh * least_sum(heads, s_hat[:, 0])).sum() + (yn * least_sum(neurons, s_hat[:, 1])).sum()
             if cfg.prune_dims:
-                obj = obj + (st.p * least_sum(dims, r_hat)).sum()
+                obj = obj + (pd * least_sum(dims, r_hat)).sum()
+            if cfg.count_grad == "importance":  # MACs saved by the next group, for the per-MAC step
+                dR = torch.autograd.grad(R, [s, r] if r.requires_grad else [s], retain_graph=True, allow_unused=True)
         if obj.requires_grad:
             obj.backward()
         if cfg.prune:
-            st.s = projected_sgd(st.s, s.grad, self.s_max, cfg.count_lr, self._count_scale(self.s_max))
+            s_grad, r_grad = s.grad, r.grad
+            if cfg.count_grad == "importance":  # per MAC: grad / |dR/ds| = importance per MAC - z
+                sc = self._count_scale(self.s_max)  # per_range: the step then moves the kept fraction by lr x gap
+                s_grad = per_mac(s_grad, dR[0]) / (1 if sc is None else sc)
+                if r.requires_grad:
+                    r_grad = per_mac(r_grad, dR[1]) / (1 if sc is None else math.ceil(self.r_max))
+            st.s = projected_sgd(st.s, s_grad, self.s_max, cfg.count_lr, self._count_scale(self.s_max))
             if cfg.prune_dims:
                 r_max = torch.full_like(st.r, self.r_max)
-                st.r = projected_sgd(st.r, r.grad, r_max, cfg.count_lr, self._count_scale(r_max))
+                st.r = projected_sgd(st.r, r_grad, r_max, cfg.count_lr, self._count_scale(r_max))
         if cfg.block_skip:
             g = task_alpha_grad + cfg.gating_weight * alpha.grad
             weight = (st.global_step - 1) % cfg.gating_interval if cfg.gate_grad_weighting == "linear" else 1.0
@@ -248,9 +283,21 @@ class UVCPrimalDual:
                 if cfg.prune_dims:
                     st.p = (st.p + cfg.ylr * least_sum(dims, torch.ceil(st.r))).clamp_min(0)
             R_new = self.expected_macs_ratio(st.s, st.r, heads)
-            st.z = (st.z + self.zlr(epoch) * (R_new - self.budget)).clamp_min(0)
+            e = R_new - target
+            if cfg.dual_update == "pi":  # nuPI: a proportional kick on the change of the EMA'd violation
+                xi_prev, st.xi = st.xi, cfg.z_nu * st.xi + (1 - cfg.z_nu) * e
+                e = e + cfg.z_kp * (st.xi - xi_prev)
+            st.z = (st.z + self.zlr(epoch) * e).clamp_min(0)
         _Collective.broadcast_(*st.tensors())  # every rank already agrees; this guarantees it
         return self._record(epoch, warmup=False, expected_macs_ratio=float(R_new))
+
+    def target(self) -> float:
+        """The budget the counts chase at this search step: B, or the linear walk 1.0 -> B (budget_schedule)."""
+        frac = self.cfg.budget_schedule
+        if frac <= 0 or not self.total_steps:
+            return self.budget
+        t = min(1.0, self.state.search_step / max(1.0, frac * self.total_steps))
+        return 1.0 - (1.0 - self.budget) * t
 
     def _count_scale(self, upper: torch.Tensor) -> Optional[torch.Tensor]:
         """'per_range': step on the kept *fraction* (grad x range, step x range), so that heads, dims and
@@ -262,7 +309,8 @@ class UVCPrimalDual:
             with torch.no_grad():
                 expected_macs_ratio = float(self.expected_macs_ratio(self.s, self.r, self.scores()[1]))
         self.last = {"step": self.global_step, "epoch": epoch, "warmup": warmup,
-                     "expected_macs_ratio": expected_macs_ratio, "budget": self.budget, "z": float(self.z),
+                     "expected_macs_ratio": expected_macs_ratio, "budget": self.budget, "target": self.target(),
+                     "z": float(self.z),
                      "heads_removed": torch.ceil(self.s[:, 0]).tolist(),
                      "neurons_removed": torch.ceil(self.s[:, 1]).tolist(),
                      "dims_removed": torch.ceil(self.r).tolist(), "keep_prob": self.keep_prob().tolist(),

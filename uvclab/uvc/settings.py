@@ -16,6 +16,11 @@ from uvclab.errors import UvclabError
 SHORT_RUN_UVC = {"gating_interval": 5, "glr": 1.0, "gating_weight": 0.1, "z_grad_clip": 1.0, "count_lr": 0.05,
                  "ylr": 3e-5, "dims_multiple": 8}
 
+# The reference optimiser (VITA-Group/UVC, docs/method.md §3): per-layer sparsity duals in the count gradient,
+# proj / fc2 column scores, a constant budget, plain dual ascent on z. `UVCSettings(**REFERENCE_UVC)`.
+REFERENCE_UVC = {"group_score": "proj", "count_grad": "dual", "budget_schedule": 0.0, "dual_update": "ascent",
+                 "z_kp": 0.0, "z_nu": 0.0, "zlr": 1.0, "count_lr": 0.02}
+
 
 @dataclass(frozen=True)
 class UVCSettings:
@@ -27,10 +32,11 @@ class UVCSettings:
                                         # (nearest; 8 or 16: hardware-friendly widths, and a head rounded back to
                                         # the full width runs fused attention); 1: exactly the learned counts
     macs_formula: str = "exact"         # 'exact' or 'reference' (UVC calc_flops with the corrected rho)
-    count_lr: float = 0.02              # slr = rlr (reference 0.02)
+    count_lr: float = 0.05              # slr = rlr (reference 0.02); with count_grad 'importance': kept fraction
+                                        # moved per step per unit gap (importance per MAC - z)
     count_lr_mode: str = "per_range"    # 'per_range': lr x group count (counts move as fractions); 'reference'
     ylr: float = 1e-4                   # dual lr of y (heads, neurons) and p (dims)
-    zlr: float = 1.0                    # dual lr of z (budget)
+    zlr: float = 0.2                    # dual lr of z (budget; reference 1.0)
     zlr_schedule: str = "constant"      # 'constant' (what the reference code really does) or 'increasing' (1,5,9,13,17)
     z_grad_clip: float = 0.5            # clamp of R - B in the count gradient
     init_dual: float = 1e-3             # y, p, z start value
@@ -43,11 +49,28 @@ class UVCSettings:
                                         # gradient of the probability), 'expected' (probabilities), or
                                         # 'sample' (a fresh soft Gumbel sample, as the reference code)
     warmup_gate: float = 1.0            # gate value during warm-up (reference: 0.5 mixes every block)
+    group_score: str = "group"          # what ranks (and the prox step shrinks) a group: 'proj' (reference: squared
+                                        # norm of attn.proj / fc2 input columns) or 'group' (all its weights: q, k,
+                                        # v rows + proj columns of a head, v row + proj column of a dim, fc1 row +
+                                        # fc2 column of a neuron; comparable across group types)
+    count_grad: str = "importance"      # sparsity term of the count gradient: 'dual' (reference: per-layer dual
+                                        # y_l x next group's score) or 'importance' (one shared multiplier x next
+                                        # group's score / total score of all heads + neurons, per MAC saved: counts
+                                        # settle where importance per MAC = z, a global ranking; y, p then drive
+                                        # only the prox shrinkage)
+    budget_schedule: float = 0.5        # fraction of the search steps over which the target walks linearly from
+                                        # 1.0 down to B (then holds B); 0: the target is B from the start (reference)
+    dual_update: str = "pi"             # budget dual z: 'ascent' (reference, pure integral) or 'pi' (nuPI, Sohrabi
+                                        # et al. 2024: z <- max(0, z + zlr (e_t + z_kp (xi_t - xi_{t-1}))), xi an
+                                        # EMA of the violation e = R - target)
+    z_kp: float = 10.0                  # 'pi': proportional gain (damping) on the EMA'd violation
+    z_nu: float = 0.5                   # 'pi': EMA coefficient of xi (0: xi = e, plain PI)
 
     def __post_init__(self):
         choices = {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
                    "zlr_schedule": ("constant", "increasing"), "gate_grad_weighting": ("uniform", "linear"),
-                   "resource_gates": ("hard", "expected", "sample")}
+                   "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group"),
+                   "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UvclabError(f"uvc.{name}={getattr(self, name)!r} is not one of {allowed}.")
@@ -55,5 +78,7 @@ class UVCSettings:
             raise UvclabError(f"uvc.dims_multiple={self.dims_multiple} must be >= 1.")
         if self.gating_interval < 1 or self.gumbel_tau <= 0 or not 0 <= self.warmup_gate <= 1:
             raise UvclabError("uvc.gating_interval must be >= 1, uvc.gumbel_tau > 0, uvc.warmup_gate in [0, 1].")
+        if not 0 <= self.budget_schedule <= 1 or not 0 <= self.z_nu < 1:
+            raise UvclabError("uvc.budget_schedule must be in [0, 1] and uvc.z_nu in [0, 1).")
 
 
