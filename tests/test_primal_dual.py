@@ -61,7 +61,7 @@ def test_proximal_step_shrinks_only_selected_groups():
 
 
 def test_z_rises_while_over_budget_and_falls_back():
-    m, uvc = _uvc(macs_ratio=0.5, prune=False, block_skip=False)
+    m, uvc = _uvc(macs_ratio=0.5, prune=False, block_skip=False, dual_update="ascent", zlr=1.0, budget_schedule=0)
     z = [float(uvc.z)]
     for _ in range(3):
         uvc.step(lr=1e-4, epoch=0, warmup=False)  # nothing can move: R = 1 > 0.5
@@ -105,3 +105,41 @@ def test_state_dict_round_trip():
     for k in ("s", "r", "y", "p", "z"):
         assert torch.equal(getattr(uvc, k), getattr(uvc2, k))
     assert torch.equal(uvc.alpha, uvc2.alpha) and uvc2.global_step == 4
+
+
+def test_nupi_update_matches_cooper_optim():
+    """Our few lines of nuPI against cooper-optim's optimizer (Ki = 1, maximize, projected to z >= 0)."""
+    cooper = pytest.importorskip("cooper")
+    from uvclab.uvc.ops import nupi_error
+    lr, kp, nu = 0.2, 10.0, 0.5
+    errors = [0.3, 0.25, 0.1, -0.05, -0.2, -0.1, 0.02, 0.0, 0.04, -0.01]
+    lam = torch.nn.Parameter(torch.tensor(0.001))
+    opt = cooper.optim.nuPI([lam], lr=lr, Kp=torch.tensor(kp), Ki=torch.tensor(1.0), ema_nu=nu, maximize=True)
+    z, xi = torch.tensor(0.001), torch.tensor(0.0)
+    for t, e in enumerate(errors):
+        lam.grad = torch.tensor(e)
+        opt.step()
+        with torch.no_grad():
+            lam.clamp_(min=0)
+        e_pi, xi = nupi_error(torch.tensor(e), xi, kp, nu, first=t == 0)
+        z = (z + lr * e_pi).clamp_min(0)
+        assert float(z) == pytest.approx(float(lam.detach()), abs=1e-6), t
+
+
+def test_pi_controller_settles_where_ascent_overshoots():
+    """A toy resource R that follows z with a lag: plain ascent overshoots the budget and rings, nuPI settles."""
+    from uvclab.uvc.ops import nupi_error
+
+    def run(pi: bool):
+        z, xi, R, trace = torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0), []
+        for t in range(300):
+            R = R + 0.1 * ((1.0 - 0.8 * z.clamp(max=1.25)) - R)       # the counts chase the price z, lagged
+            e = R - 0.5
+            if pi:
+                e, xi = nupi_error(e, xi, 10.0, 0.5, first=t == 0)
+            z = (z + 0.1 * e).clamp_min(0)
+            trace.append(float(R))
+        return trace
+    ascent, pi = run(False), run(True)
+    assert min(ascent) < 0.45 and min(pi) > 0.49              # ascent undershoots the budget, PI does not
+    assert abs(pi[-1] - 0.5) < 0.01

@@ -67,3 +67,12 @@ def per_mac(grad: Optional[torch.Tensor], dR: Optional[torch.Tensor]) -> Optiona
         return grad
     mag = dR.abs()
     return torch.where(mag > 0, grad / mag.clamp_min(1e-30), torch.zeros_like(grad))
+
+
+def nupi_error(e: torch.Tensor, xi: torch.Tensor, kp: float, nu: float, first: bool):
+    """nuPI (Sohrabi et al., ICML 2024) for a dual ascended as  lambda <- lambda + lr * e_pi:
+    e_pi = e + kp (1 - nu) (e - xi), then xi <- nu xi + (1 - nu) e. As cooper-optim's `nuPI` (Ki = 1, SGD
+    initialisation): the first step is plain gradient ascent and leaves xi at 0. Returns (e_pi, new xi)."""
+    if first:
+        return e, torch.zeros_like(xi)
+    return e + kp * (1 - nu) * (e - xi), nu * xi + (1 - nu) * e

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from uvclab.uvc.ops import least_sum, per_mac, projected_sgd, selected_mask, ste_ceil
+from uvclab.uvc.ops import least_sum, nupi_error, per_mac, projected_sgd, selected_mask, ste_ceil
 from uvclab.uvc.settings import UVCSettings
 from uvclab.vit.macs import VitShape, check_budget, expected_macs, vit_shape
 
@@ -284,9 +284,8 @@ class UVCPrimalDual:
                     st.p = (st.p + cfg.ylr * least_sum(dims, torch.ceil(st.r))).clamp_min(0)
             R_new = self.expected_macs_ratio(st.s, st.r, heads)
             e = R_new - target
-            if cfg.dual_update == "pi":  # nuPI: a proportional kick on the change of the EMA'd violation
-                xi_prev, st.xi = st.xi, cfg.z_nu * st.xi + (1 - cfg.z_nu) * e
-                e = e + cfg.z_kp * (st.xi - xi_prev)
+            if cfg.dual_update == "pi":
+                e, st.xi = nupi_error(e, st.xi, cfg.z_kp, cfg.z_nu, first=st.search_step == 1)
             st.z = (st.z + self.zlr(epoch) * e).clamp_min(0)
         _Collective.broadcast_(*st.tensors())  # every rank already agrees; this guarantees it
         return self._record(epoch, warmup=False, expected_macs_ratio=float(R_new))

@@ -61,8 +61,8 @@ class UVCSettings:
     budget_schedule: float = 0.5        # fraction of the search steps over which the target walks linearly from
                                         # 1.0 down to B (then holds B); 0: the target is B from the start (reference)
     dual_update: str = "pi"             # budget dual z: 'ascent' (reference, pure integral) or 'pi' (nuPI, Sohrabi
-                                        # et al. 2024: z <- max(0, z + zlr (e_t + z_kp (xi_t - xi_{t-1}))), xi an
-                                        # EMA of the violation e = R - target)
+                                        # et al. 2024: z <- max(0, z + zlr (e_t + z_kp (1 - z_nu)(e_t - xi_{t-1}))),
+                                        # xi an EMA of the violation e = R - target; as cooper-optim's nuPI)
     z_kp: float = 10.0                  # 'pi': proportional gain (damping) on the EMA'd violation
     z_nu: float = 0.5                   # 'pi': EMA coefficient of xi (0: xi = e, plain PI)
 
