@@ -117,9 +117,10 @@ def test_parameter_files_replace_every_short_run_default(yaml_path):
     """The notebooks' defaults cap steps and evaluation images and set short-run UVC overrides: a real-scale
     file that leaves one out would silently run a capped job."""
     keys = yaml.safe_load(yaml_path.read_text())
-    for key in ("max_steps_per_epoch", "eval_max_samples", "overrides"):
+    for key in ("max_steps_per_epoch", "eval_max_samples", "test_max_samples", "overrides"):
         assert key in keys, f"{yaml_path.name} must set {key} (the notebooks' default is for short CPU runs)"
     assert keys["max_steps_per_epoch"] is None and keys["eval_max_samples"] is None and keys["overrides"] == {}
+    assert keys["test_max_samples"] is None
 
 
 @pytest.mark.parametrize("name", PRODUCERS)
