@@ -164,6 +164,7 @@ def test_local_checkpoint_start_and_t2t_backbone(tmp_path):
 
 
 REPORT_KEYS = {"method", "budget", "macs_ratio", "params_ratio", "top1", "val_top1", "val_top1_before_finetune",
+               "search_end_macs_ratio",
                "teacher_top1", "blocks_kept", "train_images", "macs", "dense_macs"}
 
 

@@ -34,7 +34,8 @@ UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
 ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)
 METHODS = tuple(VARIANTS)
 COLUMNS = ["method", "budget", "macs_ratio", "params_ratio", "top1", "teacher_top1", "speedup", "seed",
-           "val_top1", "val_top1_before_finetune", "macs_ratio_calculator", "blocks_kept", "train_images", "seconds"]
+           "val_top1", "val_top1_before_finetune", "search_end_macs_ratio", "macs_ratio_calculator", "blocks_kept",
+           "train_images", "seconds"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +208,8 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """Mean (and std over seeds, where more than one) per (budget, method)."""
     g = df.groupby(["budget", "method"], sort=False)
     s = g.agg(top1=("top1", "mean"), top1_std=("top1", "std"), seeds=("seed", "count"),
+              val_before_ft=("val_top1_before_finetune", "mean"), val_before_ft_std=("val_top1_before_finetune", "std"),
+              search_end_R=("search_end_macs_ratio", "mean"), blocks_kept=("blocks_kept", "mean"),
               macs_ratio=("macs_ratio", "mean"), params_ratio=("params_ratio", "mean"),
               speedup=("speedup", "mean"), teacher_top1=("teacher_top1", "first")).reset_index()
     s["delta_vs_teacher"] = s["top1"] - s["teacher_top1"]
@@ -215,11 +218,15 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def markdown_table(df: pd.DataFrame) -> str:
     s = summary_table(df)
-    lines = ["| budget | method | top-1 (%) | vs teacher | seeds | MACs ratio | params ratio | speedup |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| budget | method | top-1 (%) | vs teacher | seeds | val before fine-tune | R end of search | "
+             "blocks | MACs ratio | params ratio | speedup |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in s.iterrows():
         spread = f" ± {r.top1_std:.2f}" if r.seeds > 1 else ""
+        vspread = f" ± {r.val_before_ft_std:.2f}" if r.seeds > 1 and pd.notna(r.val_before_ft_std) else ""
         speed = f"{r.speedup:.2f}x" if pd.notna(r.speedup) else "-"
+        R = f"{r.search_end_R:.3f}" if pd.notna(r.search_end_R) else "-"
         lines.append(f"| {r.budget:g} | {r.method} | {r.top1:.2f}{spread} | {r.delta_vs_teacher:+.2f} | "
-                     f"{r.seeds} | {r.macs_ratio:.3f} | {r.params_ratio:.3f} | {speed} |")
+                     f"{r.seeds} | {r.val_before_ft:.2f}{vspread} | {R} | {r.blocks_kept:.1f} | {r.macs_ratio:.3f} | "
+                     f"{r.params_ratio:.3f} | {speed} |")
     return "\n".join(lines) + "\n"

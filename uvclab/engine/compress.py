@@ -174,17 +174,22 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
     dense = count(model)
 
     agree = None  # checked right after the search (not re-checked when resuming in stage 2)
+    search_end_R = None  # UVC: the expected MACs ratio where the search ended, before the final fit
     if ckpt is not None and ckpt["stage"] == "finetune":
         structure = Structure.load(out / "structure.json")
+        if (out / "uvc_state.json").exists():
+            search_end_R = json.loads((out / "uvc_state.json").read_text()).get("expected_macs_ratio_end")
     elif cfg.method == "uvc":
         uvc = search(cfg, model, teacher, splits, out, log, ckpt)
         structure = select_structure(uvc, cfg.budget_slack, cfg.layout)
         agree = ranks_agree(uvc, structure)
         if not agree:
             raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
+        search_end_R = uvc.last.get("expected_macs_ratio")
         if rank() == 0:
             atomic_write_text(out / "uvc_state.json", json.dumps(
-                {k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)}))
+                {**{k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)},
+                 "expected_macs_ratio_end": search_end_R}))
     else:
         structure = one_shot_structure(cfg, model, teacher, splits)
     if ckpt is None or ckpt["stage"] != "finetune":
@@ -198,6 +203,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
     report = {"uvclab_version": __version__, "method": cfg.method, "model": model.uvclab_config,
               "dataset": cfg.dataset, "seed": cfg.seed, "teacher_top1": teacher_top1, "top1": top1,
               "val_top1": best_val, "val_top1_before_finetune": val_before_finetune, "budget": cfg.macs_ratio,
+              "search_end_macs_ratio": search_end_R,
               "macs": slim_count["macs"], "dense_macs": dense["macs"], "macs_ratio": slim_count["macs"] / dense["macs"],
               "params": slim_count["params"], "dense_params": dense["params"],
               "params_ratio": slim_count["params"] / dense["params"],
