@@ -26,15 +26,20 @@ def _keep_largest(scores: torch.Tensor, n_keep: int) -> list[int]:
 
 def structure_from_counts(shape: VitShape, dim_scores: torch.Tensor, head_scores: torch.Tensor,
                           neuron_scores: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
-                          keep: torch.Tensor, tie_qk: bool = False, dims_multiple: int = 1) -> Structure:
+                          keep: torch.Tensor, tie_qk: bool = False, dims_multiple: int = 1,
+                          share_head_width: bool = False) -> Structure:
     """Kept = everything but the ceil(count) lowest-scoring groups; keep (L,) bool = block runs. Kept value
-    dims per head are rounded to the nearest multiple of `dims_multiple` (at least one multiple, at most all)."""
+    dims per head are rounded to the nearest multiple of `dims_multiple` (at least one multiple, at most all).
+    share_head_width: every kept head of a layer keeps the layer's mean number of value dims (its own best
+    ones), so the exported layout, which gives a layer's heads one width, pads nothing."""
     H, Dh, M = shape.num_heads, shape.head_dim, shape.mlp_hidden
     blocks = []
     for l in range(shape.depth):
         heads = _keep_largest(head_scores[l], H - int(math.ceil(s[l, 0].item())))
-        v_dims = [_keep_largest(dim_scores[l, h], _round_to(Dh - int(math.ceil(r[l, h].item())), dims_multiple, Dh))
-                  for h in heads]
+        widths = [Dh - int(math.ceil(r[l, h].item())) for h in heads]
+        if share_head_width and heads:
+            widths = [int(math.floor(sum(widths) / len(widths) + 0.5))] * len(heads)
+        v_dims = [_keep_largest(dim_scores[l, h], _round_to(w, dims_multiple, Dh)) for h, w in zip(heads, widths)]
         qk_dims = [d[:] for d in v_dims] if tie_qk else [list(range(Dh)) for _ in heads]
         mlp = _keep_largest(neuron_scores[l], M - int(math.ceil(s[l, 1].item())))
         blocks.append(BlockStructure(heads, qk_dims, v_dims, mlp, keep=bool(keep[l])))
@@ -56,7 +61,8 @@ def current_structure(uvc: UVCPrimalDual) -> Structure:
     dims, heads, neurons = uvc.scores()
     r = uvc.r if uvc.cfg.prune_dims else torch.zeros_like(uvc.r)
     return structure_from_counts(uvc.shape, dims, heads, neurons, uvc.s, r, uvc.keep_blocks(),
-                                 tie_qk=uvc.cfg.tie_qk, dims_multiple=uvc.cfg.dims_multiple)
+                                 tie_qk=uvc.cfg.tie_qk, dims_multiple=uvc.cfg.dims_multiple,
+                                 share_head_width=uvc.cfg.share_head_width)
 
 
 def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT) -> Structure:

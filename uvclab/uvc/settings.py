@@ -19,7 +19,7 @@ SHORT_RUN_UVC = {"gating_interval": 5, "glr": 1.0, "gating_weight": 0.1, "z_grad
 # The reference optimiser (VITA-Group/UVC, docs/method.md §3): per-layer sparsity duals in the count gradient,
 # proj / fc2 column scores, a constant budget, plain dual ascent on z. `UVCSettings(**REFERENCE_UVC)`.
 REFERENCE_UVC = {"group_score": "proj", "count_grad": "dual", "budget_schedule": 0.0, "dual_update": "ascent",
-                 "z_kp": 0.0, "z_nu": 0.0, "zlr": 1.0, "count_lr": 0.02}
+                 "z_kp": 0.0, "z_nu": 0.0, "zlr": 1.0, "count_lr": 0.02, "share_head_width": False}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class UVCSettings:
     dims_multiple: int = 1              # the final structure keeps value dims per head in multiples of this
                                         # (nearest; 8 or 16: hardware-friendly widths, and a head rounded back to
                                         # the full width runs fused attention); 1: exactly the learned counts
+    share_head_width: bool = True       # the final structure gives the kept heads of a layer one value width
+                                        # (the mean of the learned ones): the exported layout pads a layer's heads
+                                        # to one width, so unequal widths cost MACs the search never counted
     macs_formula: str = "exact"         # 'exact' or 'reference' (UVC calc_flops with the corrected rho)
     count_lr: float = 0.05              # slr = rlr (reference 0.02); with count_grad 'importance': kept fraction
                                         # moved per step per unit gap (importance per MAC - z)
