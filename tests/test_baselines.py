@@ -89,6 +89,30 @@ def test_structure_from_counts_rounds_value_dims_to_a_multiple():
         assert set(small) <= set(large)
 
 
+def test_shared_head_width_pads_nothing_and_keeps_each_heads_best_dims():
+    from uvclab.uvc.select import structure_from_counts
+    from uvclab.vit.macs import expected_macs
+    m = small_vit()
+    s = vit_shape(m)
+    L, H, Dh = s.depth, s.num_heads, s.head_dim
+    torch.manual_seed(1)
+    dims, heads, neurons = torch.rand(L, H, Dh), torch.rand(L, H), torch.rand(L, s.mlp_hidden)
+    counts = torch.zeros(L, 2)
+    removed = torch.stack([torch.arange(H, dtype=torch.float) * (Dh // H)] * L)       # unequal widths per head
+    keep = torch.ones(L, dtype=torch.bool)
+    apart = structure_from_counts(s, dims, heads, neurons, counts, removed, keep)
+    shared = structure_from_counts(s, dims, heads, neurons, counts, removed, keep, share_head_width=True)
+    mean_width = round(sum(Dh - k for k in removed[0].tolist()) / H)
+    for b, l in zip(shared.blocks, range(L)):
+        assert {len(d) for d in b.v_dims} == {mean_width}
+        for h, d in zip(b.heads, b.v_dims):                      # each head keeps its own highest-scoring dims
+            assert d == sorted(dims[l, h].topk(mean_width).indices.tolist())
+    # the search counts exactly these value widths: with one width per layer the export pads nothing
+    exact = expected_macs(s, counts[:, 0], counts[:, 1], removed, torch.ones(L, H)).item()
+    assert count(m, shared)["macs"] <= count(m, apart)["macs"]
+    assert abs(count(m, shared)["macs"] - exact) <= L * s.tokens * (s.tokens + s.embed_dim)  # one dim of rounding
+
+
 def test_flop_counter_macs_is_independent_and_agrees_with_calculator():
     m = small_vit()
     assert flop_counter_macs(m) == count(m)["macs"]
