@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from uvclab.vit.gated import gate_vit
-from uvclab.uvc.optimizer import (UVCPrimalDual, UVCSettings, least_sum, projected_sgd, selected_mask, ste_ceil)
+from uvclab.uvc.optimizer import UVCPrimalDual
+from uvclab.uvc.ops import least_sum, projected_sgd, selected_mask, ste_ceil
+from uvclab.uvc.settings import REFERENCE_UVC, UVCSettings
 
 from conftest import small_vit
 
@@ -85,6 +87,27 @@ def test_counts_and_gates_move_toward_budget():
     assert ratios[0] > 0.85 and min(ratios) < 0.7  # starts at P(keep) = softmax([-1, 1])[1] = 0.88
     assert (uvc.s > 0).any() and (uvc.r > 0).any()
     assert (uvc.y >= 0).all() and (uvc.p >= 0).all() and uvc.z >= 0
+
+
+def test_budget_schedule_and_importance_counts_settle_at_budget():
+    torch.manual_seed(0)
+    m = gate_vit(small_vit(depth=4))
+    uvc = UVCPrimalDual(m, UVCSettings(block_skip=False), 0.5, total_steps=200)
+    assert uvc.target() == 1.0
+    recs = [uvc.step(lr=1e-4, epoch=0, warmup=False) for _ in range(200)]
+    assert recs[49]["target"] == pytest.approx(0.75, abs=0.01) and recs[-1]["target"] == 0.5
+    last = [r["expected_macs_ratio"] for r in recs[-30:]]  # settled at B (no final fit needed), no swing
+    assert abs(sum(last) / len(last) - 0.5) < 0.01 and all(abs(x - 0.5) < 0.03 for x in last)
+    assert (uvc.r == uvc.r[:, :1]).all()                    # tied dims: one value width per layer
+    ref = UVCPrimalDual(m, UVCSettings(**REFERENCE_UVC), 0.5, total_steps=200)
+    assert ref.target() == 0.5
+
+
+def test_reference_settings_reproduce_the_reference_optimiser_choices():
+    ref = UVCSettings(**REFERENCE_UVC)
+    assert (ref.group_score, ref.count_grad, ref.dual_update, ref.budget_schedule, ref.tie_dims) == \
+        ("proj", "dual", "ascent", 0.0, False)
+    assert (ref.zlr, ref.count_lr) == (1.0, 0.02)
 
 
 def test_warmup_moves_nothing_but_weights_prox():

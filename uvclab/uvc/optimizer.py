@@ -264,6 +264,8 @@ class UVCPrimalDual:
             if cfg.prune_dims:
                 r_max = torch.full_like(st.r, self.r_max)
                 st.r = projected_sgd(st.r, r_grad, r_max, cfg.count_lr, self._count_scale(r_max))
+                if cfg.tie_dims:  # one value width per layer: what the export can realise without padding
+                    st.r = st.r.mean(-1, keepdim=True).expand_as(st.r).clone()
         if cfg.block_skip:
             g = task_alpha_grad + cfg.gating_weight * alpha.grad
             weight = (st.global_step - 1) % cfg.gating_interval if cfg.gate_grad_weighting == "linear" else 1.0

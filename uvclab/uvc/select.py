@@ -62,7 +62,7 @@ def current_structure(uvc: UVCPrimalDual) -> Structure:
     r = uvc.r if uvc.cfg.prune_dims else torch.zeros_like(uvc.r)
     return structure_from_counts(uvc.shape, dims, heads, neurons, uvc.s, r, uvc.keep_blocks(),
                                  tie_qk=uvc.cfg.tie_qk, dims_multiple=uvc.cfg.dims_multiple,
-                                 share_head_width=uvc.cfg.share_head_width)
+                                 share_head_width=uvc.cfg.tie_dims)
 
 
 def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT) -> Structure:

@@ -19,7 +19,7 @@ SHORT_RUN_UVC = {"gating_interval": 5, "glr": 1.0, "gating_weight": 0.1, "z_grad
 # The reference optimiser (VITA-Group/UVC, docs/method.md §3): per-layer sparsity duals in the count gradient,
 # proj / fc2 column scores, a constant budget, plain dual ascent on z. `UVCSettings(**REFERENCE_UVC)`.
 REFERENCE_UVC = {"group_score": "proj", "count_grad": "dual", "budget_schedule": 0.0, "dual_update": "ascent",
-                 "z_kp": 0.0, "z_nu": 0.0, "zlr": 1.0, "count_lr": 0.02, "share_head_width": False}
+                 "z_kp": 0.0, "z_nu": 0.0, "zlr": 1.0, "count_lr": 0.02, "tie_dims": False}
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,6 @@ class UVCSettings:
     dims_multiple: int = 1              # the final structure keeps value dims per head in multiples of this
                                         # (nearest; 8 or 16: hardware-friendly widths, and a head rounded back to
                                         # the full width runs fused attention); 1: exactly the learned counts
-    share_head_width: bool = True       # the final structure gives the kept heads of a layer one value width
-                                        # (the mean of the learned ones): the exported layout pads a layer's heads
-                                        # to one width, so unequal widths cost MACs the search never counted
     macs_formula: str = "exact"         # 'exact' or 'reference' (UVC calc_flops with the corrected rho)
     count_lr: float = 0.05              # slr = rlr (reference 0.02); with count_grad 'importance': kept fraction
                                         # moved per step per unit gap (importance per MAC - z)
@@ -68,6 +65,10 @@ class UVCSettings:
                                         # xi an EMA of the violation e = R - target; as cooper-optim's nuPI)
     z_kp: float = 10.0                  # 'pi': proportional gain (damping) on the EMA'd violation
     z_nu: float = 0.5                   # 'pi': EMA coefficient of xi (0: xi = e, plain PI)
+    tie_dims: bool = True               # one value-dim count per layer (r projected onto its per-layer mean after
+                                        # each step, one width per layer in the final structure): the export pads
+                                        # v to the widest kept head, so dims removed from narrower heads save no
+                                        # MACs (with tied dims R equals the exported count)
 
     def __post_init__(self):
         choices = {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
