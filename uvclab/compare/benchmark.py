@@ -28,6 +28,7 @@ from uvclab.io_utils import atomic_write_text
 VARIANTS = {  # benchmark label -> config overrides; every label runs through the same `compress`
     **{("uvc" if a == "uvc" else f"uvc_{a}"): {"method": "uvc", **ABLATIONS[a]}
        for a in ("uvc", "no_kd", "prune_only", "skip_only")},
+    "uvc_gates": {"method": "uvc", "uvc.gating_weight": 1.0},   # skip gates strong enough to decide (see README)
     **{m: {"method": m} for m in ("uniform", "magnitude", "torch_pruning", "isomorphic", "depth")},
 }
 UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
