@@ -23,11 +23,11 @@ from uvclab.uvc import SHORT_RUN_UVC  # noqa: E402
 
 # UVC: search 2 epochs (no warm-up: the student starts as the trained teacher), then fine-tune 6; one-shot
 # methods fine-tune all 8. Same images for every method. Test: the full 10,000 images; validation: 3,000.
-# Seeds 0, 1, 2 at 0.5 and 0.3 for UVC and the three strongest baselines (uniform, depth and the UVC variants:
+# Seeds 0, 1, 2 at 0.5 and 0.3 for UVC, magnitude and Isomorphic Pruning (the other baselines and the UVC variants:
 # seed 0 only, for time on 2 CPU cores).
 PROTOCOLS = {
     "full": dict(budgets=(0.7, 0.5, 0.3), seeds=(0,), extra_seeds=(1, 2), seed_budgets=(0.5, 0.3),
-                 seed_methods=("uvc", "magnitude", "torch_pruning", "isomorphic"),
+                 seed_methods=("uvc", "magnitude", "isomorphic"),
                  config=dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=24, warmup_epochs=0,
                              search_epochs=2, finetune_epochs=6, lr=5e-4, finetune_lr=5e-4, threads=1,
                              eval_max_samples=3000, test_max_samples=None, uvc=SHORT_RUN_UVC)),
