@@ -69,14 +69,20 @@ def test_fit_to_budget_skip_only_and_prune_only():
         fit_to_budget(s, Structure.dense(m), heads, neurons, dense, 0.05, allow_skip=False)
 
 
-def test_structure_from_counts_rounds_value_dims_to_a_multiple():
-    from uvclab.uvc.select import structure_from_counts
+def _random_scores(seed: int):
+    """A small ViT's shape and random (dims, heads, neurons) scores, with zero head / neuron counts."""
     m = small_vit()
     s = vit_shape(m)
+    torch.manual_seed(seed)
+    scores = torch.rand(s.depth, s.num_heads, s.head_dim), torch.rand(s.depth, s.num_heads), \
+        torch.rand(s.depth, s.mlp_hidden)
+    return m, s, scores, torch.zeros(s.depth, 2)
+
+
+def test_structure_from_counts_rounds_value_dims_to_a_multiple():
+    from uvclab.uvc.select import structure_from_counts
+    m, s, (dims, heads, neurons), counts = _random_scores(0)
     L, H, Dh = s.depth, s.num_heads, s.head_dim
-    torch.manual_seed(0)
-    dims, heads, neurons = torch.rand(L, H, Dh), torch.rand(L, H), torch.rand(L, s.mlp_hidden)
-    counts = torch.zeros(L, 2)
     removed = torch.tensor([1.0, 3.0, Dh / 2 - 1, Dh - 1])[:, None].expand(L, H)    # per block
     exact = structure_from_counts(s, dims, heads, neurons, counts, removed, torch.ones(L, dtype=torch.bool))
     rounded = structure_from_counts(s, dims, heads, neurons, counts, removed, torch.ones(L, dtype=torch.bool),
@@ -92,12 +98,8 @@ def test_structure_from_counts_rounds_value_dims_to_a_multiple():
 def test_shared_head_width_pads_nothing_and_keeps_each_heads_best_dims():
     from uvclab.uvc.select import structure_from_counts
     from uvclab.vit.macs import expected_macs
-    m = small_vit()
-    s = vit_shape(m)
+    m, s, (dims, heads, neurons), counts = _random_scores(1)
     L, H, Dh = s.depth, s.num_heads, s.head_dim
-    torch.manual_seed(1)
-    dims, heads, neurons = torch.rand(L, H, Dh), torch.rand(L, H), torch.rand(L, s.mlp_hidden)
-    counts = torch.zeros(L, 2)
     removed = torch.stack([torch.arange(H, dtype=torch.float) * (Dh // H)] * L)       # unequal widths per head
     keep = torch.ones(L, dtype=torch.bool)
     apart = structure_from_counts(s, dims, heads, neurons, counts, removed, keep)

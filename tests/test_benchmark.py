@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from uvclab.compare.benchmark import COLUMNS, ONE_SHOT_METHODS, Protocol, best_baseline, results_table, run_benchmark
+from uvclab.compare.benchmark import COLUMNS, ONE_SHOT_METHODS, Protocol, best_baseline, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="digits", batch_size=32, max_steps_per_epoch=2, warmup_epochs=1, search_epochs=1,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
-import time
 from pathlib import Path
 from typing import Optional
 
