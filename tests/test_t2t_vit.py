@@ -234,9 +234,8 @@ def test_t2t_vit_14_macs_at_224(name):
         assert round(macs / 1e9, 1) == 4.8  # the paper's and the official README's T2T-ViT-14
 
 
-@pytest.mark.parametrize("tokens_type", STEMS)
 @pytest.mark.parametrize("layout", budget.LAYOUTS)
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("tokens_type, seed", [("performer", 0), ("performer", 1), ("transformer", 0)])
 def test_export_equals_masked_gated_model_and_counter(layout, seed, tokens_type):
     m = small_t2t(img_size=64, tokens_type=tokens_type)
     s = random_structure(m, seed)
