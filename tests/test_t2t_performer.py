@@ -92,6 +92,16 @@ def test_budget_counts_the_stem_as_fixed_cost():
         uniform_structure(m, 0.9 * fixed / dense)
 
 
+def test_torch_pruning_structure_keeps_the_t2t_stem():
+    from uvclab.prune.tp import torch_pruning_structure
+    m = small()
+    stem = {k: v.clone() for k, v in m.patch_embed.state_dict().items()}
+    s = torch_pruning_structure(m, 0.6, [(torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,)))])
+    e = export_model(m, s)
+    assert flop_counter_macs(e) == uvclab.count(m, s)["macs"] <= 0.6 * uvclab.count(m)["macs"]
+    assert all(torch.equal(v, e.patch_embed.state_dict()[k]) for k, v in stem.items())
+
+
 @pytest.mark.slow
 def test_compress_cli_on_the_performer_stem(tmp_path):
     """`uvclab compress --set model=t2t_vit_7`: UVC search, fit, export, fine-tune, save, on the Performer stem."""
