@@ -12,6 +12,7 @@ import pandas as pd
 
 from uvclab.errors import UvclabError
 from uvclab.vit.structure import Structure
+from uvclab.vit.t2t_vit import card_kwargs
 
 
 def read_report(run_dir: str | Path) -> dict:
@@ -100,7 +101,8 @@ def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
         if cfg:  # a plain `compress` report says method=uvc; the label also names the UVC variant
             r["method"] = r["method"] if r.get("method") not in (None, "uvc") else method_label(cfg)
         rows.append(dict({k: v for k, v in settings.items() if k not in r}, **r, model_name=model.get("name"),
-                         model_kwargs=json.dumps(model.get("kwargs", {})), name=rep.parent.name,
+                         model_kwargs=json.dumps(card_kwargs(model.get("name"), model.get("kwargs", {}))),
+                         name=rep.parent.name,
                          path=str(rep.parent)))
     cols = ["dataset", "model_name", "budget", "method", "name", "path"]
     if not rows:

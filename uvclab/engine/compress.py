@@ -36,6 +36,8 @@ from uvclab.vit.gated import gate_vit
 from uvclab.vit.macs import count
 from uvclab.vit.models import create_vit, load_state_dict_file
 from uvclab.vit.structure import Structure
+from uvclab.vit.t2t_checkpoint import stem_of_state_dict
+from uvclab.vit.t2t_vit import stem_for
 
 
 # ---- models and data ---------------------------------------------------------------------------------
@@ -142,6 +144,8 @@ def _open_run_folder(cfg: CompressConfig, out: Path, resume: bool) -> Optional[d
     if ckpt_path.exists() and not resume:
         raise UvclabError(f"'{out}' holds an interrupted run; continue it with --resume or choose another --out.")
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if ckpt is not None and cfg.model is not None:
+        _check_t2t_stem(cfg, ckpt.get("model") or {}, out)
     if resume and (out / "config.yaml").exists():
         if CompressConfig.from_dict(read_yaml(out / "config.yaml")).to_dict() != cfg.to_dict():
             raise UvclabError(f"--resume with a different config than the one saved in '{out}/config.yaml'; "
@@ -150,6 +154,16 @@ def _open_run_folder(cfg: CompressConfig, out: Path, resume: bool) -> Optional[d
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
     return ckpt
+
+
+def _check_t2t_stem(cfg: CompressConfig, state: dict, out: Path) -> None:
+    """Runs made before uvclab had the Performer stem name t2t_vit_N for the Transformer stem; say how to resume."""
+    have, want = stem_of_state_dict(state), stem_for(cfg.model, cfg.model_kwargs)
+    if have and want and have != want:
+        raise UvclabError(f"'{out}' holds a {have}-stem T2T-ViT checkpoint but the config builds {cfg.model} with "
+                          f"the {want} stem (before the Performer stem existed, t2t_vit_N meant the Transformer "
+                          f"stem). Add `tokens_type: {have}` under model_kwargs in '{out}/config.yaml' and resume "
+                          f"with --set model_kwargs.tokens_type={have}.")
 
 
 def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict:

@@ -25,7 +25,7 @@ from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs
 from uvclab.engine.loop import adamw_with_schedule, evaluate, seeded_loader, steps_per_epoch, train_one_epoch
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write, atomic_write_text
-from uvclab.vit.models import create_vit, read_state_dict
+from uvclab.vit.models import create_from_card, create_vit, read_state_dict
 
 MAX_FP32_BYTES = 10 * 2 ** 20  # larger teachers are stored in fp16 (and cast back to fp32 when loaded)
 
@@ -128,7 +128,7 @@ def load_teacher(path: str | Path) -> torch.nn.Module:
         _check_hash(weights, card.get("weights_sha256"))
     else:
         config, weights = _config_from_metadata(path), path
-    model = create_vit(config["name"], **config["kwargs"])
+    model = create_from_card(config)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(weights).items()}
     try:
         model.load_state_dict(sd, strict=True)

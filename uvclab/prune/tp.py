@@ -47,7 +47,13 @@ def _sync_timm(model: torch.nn.Module, pruner) -> None:
         a.num_heads = a.qkv.out_features // (3 * a.head_dim)
         a.attn_dim = a.num_heads * a.head_dim
         pruner.num_heads[a.qkv] = pruner.out_channel_groups[a.qkv] = a.num_heads
-    model.embed_dim = model.num_features = model.patch_embed.proj.out_channels
+    model.embed_dim = model.num_features = _embed_width(model)
+
+
+def _embed_width(model: torch.nn.Module) -> int:
+    """Width of the residual stream, read from the stem's output layer (patch conv, or T2T-ViT's projection)."""
+    pe = model.patch_embed
+    return pe.proj.out_channels if hasattr(pe, "proj") else pe.project.out_features
 
 
 def torch_pruning_to_budget(model: torch.nn.Module, macs_ratio: float, batches: Iterable, *,
@@ -128,7 +134,7 @@ def kept_structure(dense: torch.nn.Module, pruned: torch.nn.Module) -> Structure
     unchanged. Exporting `dense` with this structure gives the same model as `pruned`."""
     s = budget_lib.vit_shape(dense)
     H, Dh, D = s.num_heads, s.head_dim, s.embed_dim
-    if pruned.patch_embed.proj.out_channels != D:
+    if _embed_width(pruned) != D:
         raise UvclabError("The Torch-Pruning model changed the embedding width; only head and neuron pruning "
                           "(prune_embed=False) maps onto a uvclab Structure.")
 

@@ -154,15 +154,15 @@ def count_exported(model: nn.Module) -> dict[str, int]:
 
 
 def _skeleton_base(cfg: dict) -> nn.Module:
-    from uvclab.vit.models import create_vit
+    from uvclab.vit.models import create_from_card
     with torch.device("meta"):
-        return create_vit(cfg["name"], **cfg.get("kwargs", {}))
+        return create_from_card(cfg)
 
 
 def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild an exported model from `save_pruned`'s folder; no pickle is involved."""
     from safetensors.torch import load_file
-    from uvclab.vit.models import create_vit
+    from uvclab.vit.models import create_from_card
     path = Path(path)
     if path.is_file():
         path = path.parent
@@ -175,7 +175,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         cfg, structure, layout = card["model"], Structure.from_dict(card["structure"]), card["layout"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UvclabError(f"'{card_path}' is corrupt or truncated ({e}); export the model again.") from e
-    base = create_vit(cfg["name"], **cfg.get("kwargs", {}))
+    base = create_from_card(cfg)
     slim = export_model(base, structure, layout)
     try:
         sd = load_file(str(weights_path))

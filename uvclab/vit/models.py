@@ -27,7 +27,7 @@ def _known_names() -> list[str]:
 def create_vit(name: str, pretrained: bool = False, checkpoint: Optional[str | Path] = None,
                **kwargs) -> VisionTransformer:
     """Build a timm VisionTransformer by name; kwargs shrink or adapt it (img_size, depth, num_classes...)."""
-    from . import t2t_vit  # noqa: F401  (registers the T2T-ViT family with timm)
+    from . import t2t_vit  # registers the T2T-ViT family with timm
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, _known_names(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -41,10 +41,23 @@ def create_vit(name: str, pretrained: bool = False, checkpoint: Optional[str | P
                           "Use timm kwargs such as img_size, patch_size, in_chans, depth, embed_dim, "
                           "num_heads, num_classes, mlp_ratio.") from e
     check_supported(model, name)
+    if isinstance(model, t2t_vit.T2TViT):  # cards name the stem: t2t_vit_N meant the Transformer stem before
+        kwargs = {**kwargs, "tokens_type": model.tokens_type}
     model.uvclab_config = {"name": name, "kwargs": dict(kwargs)}  # rebuilds the skeleton when loading exports
     if checkpoint is not None:
         load_state_dict_file(model, checkpoint)
     return model
+
+
+def create_from_card(config: dict, **overrides) -> VisionTransformer:
+    """The model a card's {'name', 'kwargs'} describes (teacher cards, exported models' uvclab.json); cards
+    written before T2T-ViT had the Performer stem keep building the Transformer stem they were made with."""
+    from .t2t_vit import card_kwargs
+    try:
+        name, kwargs = config["name"], config.get("kwargs", {})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UvclabError(f"The model card {config!r} names no model ({e}); write it again with uvclab.") from e
+    return create_vit(name, **{**card_kwargs(name, kwargs), **overrides})
 
 
 def check_supported(model: torch.nn.Module, name: str = "model") -> None:
