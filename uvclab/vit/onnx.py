@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,6 +133,23 @@ def _batch_of(images: torch.Tensor, n: int) -> torch.Tensor:
     return images.repeat(reps, 1, 1, 1)[:n]
 
 
+def _unwritable(path: Path, e: OSError) -> UvclabError:
+    return UvclabError(f"Cannot write '{path}' ({type(e).__name__}: {e.strerror or e}); choose a writable output "
+                       "file (--out FILE).")
+
+
+def check_writable(path: Path) -> None:
+    """A clear error now, rather than after the export, when `path` cannot be written."""
+    if path.is_dir():
+        raise UvclabError(f"'{path}' is a folder; pass the ONNX file to write, e.g. '{path / 'model.onnx'}'.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise _unwritable(path, e) from None
+
+
 def to_onnx(model: torch.nn.Module, path: Optional[str | Path] = None, batch_size: Optional[int] = None,
             opset: int = DEFAULT_OPSET, images: Optional[torch.Tensor] = None, verified_on: str = "random images",
             metadata: Optional[dict] = None, atol: float = 1e-4, exporter: str = "auto", threads: int = 1):
@@ -144,6 +162,9 @@ def to_onnx(model: torch.nn.Module, path: Optional[str | Path] = None, batch_siz
         raise UvclabError(f"Unknown exporter '{exporter}'. Choose from: {', '.join(EXPORTERS)}.")
     if batch_size is not None and batch_size < 1:
         raise UvclabError(f"batch_size must be >= 1 (or None for a dynamic batch), got {batch_size}.")
+    if path is not None:
+        path = Path(path)
+        check_writable(path)  # before the (slow) export
     model = model.eval().cpu()
     if images is None:
         images = torch.randn(8, *input_shape(model), generator=torch.Generator().manual_seed(0))
@@ -168,12 +189,10 @@ def to_onnx(model: torch.nn.Module, path: Optional[str | Path] = None, batch_siz
         raise UvclabError(f"ONNX Runtime output differs from PyTorch by {diff:.3g} (> {atol:g}) on {len(images)} "
                           f"{verified_on}; nothing written. Try exporter='torchscript' or another opset.")
     if path is not None:
-        path = Path(path)
         try:
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
         except OSError as e:
-            raise UvclabError(f"Cannot write '{path}' ({e.strerror or e}); choose a writable output path "
-                              "(--out FILE).") from None
+            raise _unwritable(path, e) from None
     res = OnnxExport(None if path is None else str(path), used, opset, batch_size, diff, verified_on,
                      len(images), len(data), meta)
     return res, data
