@@ -87,10 +87,10 @@ class OrtModel:
     """A model exported to ONNX in memory (batch fixed to `batch_size`) and run by ONNX Runtime on the CPU."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, threads: Optional[int] = None,
-                 profile_prefix: Optional[str] = None, opset: int = DEFAULT_OPSET):
+                 opset: int = DEFAULT_OPSET):
         self.model, self.batch_size, self.threads = model, batch_size, threads or torch.get_num_threads()
-        self.export, data = to_onnx(model, None, batch_size, opset)
-        self.session = ort_session(data, self.threads, profile_prefix)
+        self.export, self.data = to_onnx(model, None, batch_size, opset)
+        self.session = ort_session(self.data, self.threads)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if len(x) != self.batch_size:
@@ -98,16 +98,19 @@ class OrtModel:
         return run_session(self.session, x)
 
 
-def ort_op_profile(model: torch.nn.Module, batch_size: int = 8, threads: Optional[int] = None,
+def ort_op_profile(model: torch.nn.Module | OrtModel, batch_size: int = 8, threads: Optional[int] = None,
                    runs: int = 3) -> pd.DataFrame:
-    """Time per run by ONNX operator type from ORT's profiler: op, ms (per run), share, nodes (count)."""
+    """Time per run by ONNX operator type from ORT's profiler: op, ms (per run), share, nodes (count).
+    An OrtModel is profiled as it is (its batch size and threads), without exporting again."""
+    if not isinstance(model, OrtModel):
+        model = OrtModel(model, batch_size, threads)
     with tempfile.TemporaryDirectory() as tmp:
-        m = OrtModel(model, batch_size, threads, profile_prefix=str(Path(tmp) / "ort"))
-        x = torch.randn(batch_size, *input_shape(model))
-        m(x)  # warm-up (first-run allocations are not the steady state)
+        session = ort_session(model.data, model.threads, profile_prefix=str(Path(tmp) / "ort"))
+        x = torch.randn(model.batch_size, *input_shape(model.model))
+        run_session(session, x)  # warm-up (first-run allocations are not the steady state)
         for _ in range(runs):
-            m(x)
-        trace = json.loads(Path(m.session.end_profiling()).read_text())
+            run_session(session, x)
+        trace = json.loads(Path(session.end_profiling()).read_text())
     us, nodes = defaultdict(float), defaultdict(set)
     per_node = defaultdict(list)
     for ev in trace:

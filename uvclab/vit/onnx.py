@@ -142,6 +142,10 @@ def check_writable(path: Path) -> None:
     """A clear error now, rather than after the export, when `path` cannot be written."""
     if path.is_dir():
         raise UvclabError(f"'{path}' is a folder; pass the ONNX file to write, e.g. '{path / 'model.onnx'}'.")
+    folder = next(p for p in path.parents if p.exists())
+    if not folder.is_dir():
+        raise UvclabError(f"Cannot write '{path}': '{folder}' is a file, not a folder; choose a writable output "
+                          "file (--out FILE).")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
