@@ -100,6 +100,7 @@ def test_a_mismatch_fails_and_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_missing_deploy_extra_names_it(monkeypatch, tmp_path):
+    assert uvclab.export_onnx is export_onnx
     monkeypatch.setitem(sys.modules, "onnxruntime", None)   # `import onnxruntime` now raises ImportError
     with pytest.raises(UvclabError, match=r"pip install 'uvclab\[deploy\]'.*onnxruntime|onnxruntime.*uvclab\[deploy\]"):
         vit_onnx.require_deploy()
@@ -123,3 +124,13 @@ def test_ort_bench_times_a_much_smaller_model_as_faster_and_profiles_ops():
     prof = ort_op_profile(dense, runs=2)                           # profiles the session as timed
     assert abs(prof.share.sum() - 1) < 1e-6 and prof.ms.gt(0).all()
     assert {"MatMul", "Gemm", "FusedMatMul"} & set(prof.op[:3])     # matmuls dominate a ViT
+
+
+@pytest.mark.slow
+def test_cli_bench_in_onnxruntime(capsys):
+    from uvclab.ui.cli import main
+    assert main(["bench", "deit_tiny_patch16_224", "--img-size", "32", "--model-arg", "patch_size=8", "--model-arg",
+                 "depth=2", "--runtime", "onnxruntime", "--threads", "1", "--rounds", "1", "--batch-size", "2",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["runtime"] == "onnxruntime" and r["dense_img_per_s"] > 0 and r["macs_speedup"] > 1.9
