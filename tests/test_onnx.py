@@ -27,8 +27,8 @@ def _ort_logits(path, x):
 
 @pytest.mark.parametrize("name,layout,batch_size", [
     ("deit_small_patch16_224", "compact", None),          # v narrower than q/k: explicit-matmul attention
-    ("deit_small_patch16_224", "fused", 3),               # one padded width per layer: SDPA; fixed batch
-    ("deit_tiny_distilled_patch16_224", "compact", None),  # two heads (class + distillation token)
+    pytest.param("deit_small_patch16_224", "fused", 3, marks=pytest.mark.slow),  # padded widths, SDPA; fixed batch
+    pytest.param("deit_tiny_distilled_patch16_224", "compact", None, marks=pytest.mark.slow),  # two heads
     pytest.param("t2t_vit_7", "compact", None, marks=pytest.mark.slow),  # T2T-ViT stem (TorchScript fallback)
 ])
 def test_onnx_equals_pytorch_for_each_layout_skip_pattern_and_family(tmp_path, name, layout, batch_size):
