@@ -8,7 +8,7 @@ exists, and UVC at 0.5 and 0.3, seed 0) against the dense teacher, and DeiT-Smal
 cut to 0.5 by the uniform structure `uvclab bench` uses. Per model: a verified ONNX export (max abs diff of
 ONNX Runtime vs PyTorch: real test images for the runs, random ones for DeiT-Small), then dense vs slim timed in
 PyTorch and in ONNX Runtime (alternating rounds in one process, medians; the same `compare_throughput`), and for
-DeiT-Small ORT's per-operator profile of both models. Writes <results>/deploy.json and deploy.md.
+ORT's per-operator profile (dense and slim). Writes <results>/deploy.json and deploy.md.
 """
 from __future__ import annotations
 
@@ -70,11 +70,14 @@ def main(argv=None) -> int:
             report = json.loads((run / "report.json").read_text())
             teacher = load_teacher(teacher_path(load_config(run / "config.yaml")))
             ort_teacher = ort_teacher or OrtModel(teacher, a.fm_batch, a.threads)
-            row, _ = time_both(f"Fashion-MNIST {run.name}", teacher, load_pruned(run / "model"), a.fm_batch, a.rounds,
-                               3, a.threads, ort_teacher, dense_macs=report["dense_macs_independent"],
-                               exported_macs=report["macs_independent"])
+            row, ort_slim = time_both(f"Fashion-MNIST {run.name}", teacher, load_pruned(run / "model"), a.fm_batch,
+                                      a.rounds, 3, a.threads, ort_teacher, dense_macs=report["dense_macs_independent"],
+                                      exported_macs=report["macs_independent"])
             rows.append(dict(row, top1=report["top1"], max_abs_diff=ver.max_abs_diff, verified_on=ver.verified_on,
                              exporter=ver.exporter))
+            profiles[f"Fashion-MNIST {run.name}"] = ort_op_profile(ort_slim, runs=5).to_dict(orient="records")
+        if ort_teacher is not None:
+            profiles["Fashion-MNIST teacher (dense)"] = ort_op_profile(ort_teacher, runs=5).to_dict(orient="records")
         if not a.skip_deit:
             torch.manual_seed(0)
             dense = create_vit("deit_small_patch16_224").eval()
@@ -85,12 +88,12 @@ def main(argv=None) -> int:
                                       max(3, a.rounds // 2), 1, a.threads, ort_dense)
             rows.append(dict(row, max_abs_diff=ver.max_abs_diff, verified_on=ver.verified_on, exporter=ver.exporter))
             for name, m in (("dense", ort_dense), ("slim", ort_slim)):
-                profiles[name] = ort_op_profile(m, runs=2).to_dict(orient="records")
+                profiles[f"DeiT-Small {name}"] = ort_op_profile(m, runs=2).to_dict(orient="records")
     import onnxruntime
     env = {"threads": a.threads, "cpu_count": os.cpu_count(), "load_avg_1min_start_end": [load0, os.getloadavg()[0]],
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "machine": platform.machine(),
            "wall_s": round(time.time() - t0)}
-    out = {"env": env, "rows": rows, "deit_small_op_profile": profiles}
+    out = {"env": env, "rows": rows, "op_profiles": profiles}
     res = Path(a.results)
     atomic_write_text(res / "deploy.json", json.dumps(out, indent=1))
     atomic_write_text(res / "deploy.md", markdown(out))
@@ -107,8 +110,8 @@ def markdown(out: dict) -> str:
                      f"{pt['dense_img_per_s']:.1f} / {pt['exported_img_per_s']:.1f} | {pt['speedup']:.2f}x | "
                      f"{ort['dense_img_per_s']:.1f} / {ort['exported_img_per_s']:.1f} | {ort['speedup']:.2f}x | "
                      f"{ort['efficiency']:.2f} | {r['max_abs_diff']:.1e} |")
-    for name, prof in out["deit_small_op_profile"].items():
-        lines += ["", f"ORT profile, DeiT-Small {name} (ms per batch by op type):", "",
+    for name, prof in out["op_profiles"].items():
+        lines += ["", f"ORT profile, {name} (ms per batch by op type):", "",
                   "| op | ms | share | nodes |", "|---|---:|---:|---:|"]
         lines += [f"| {o['op']} | {o['ms']:.1f} | {o['share']:.1%} | {o['nodes']} |" for o in prof[:8]]
     return "\n".join(lines) + f"\n\nConditions: {json.dumps(out['env'])}\n"
