@@ -59,9 +59,9 @@ class OnnxExport:
         return asdict(self)
 
     def __str__(self) -> str:
-        where = self.path or "(in memory)"
+        where = f"wrote {self.path}" if self.path else "exported in memory"
         batch = "dynamic" if self.batch_size is None else self.batch_size
-        return (f"wrote {where} ({self.size_bytes / 1e6:.1f} MB, opset {self.opset}, {self.exporter} exporter, "
+        return (f"{where} ({self.size_bytes / 1e6:.1f} MB, opset {self.opset}, {self.exporter} exporter, "
                 f"batch {batch}); ONNX Runtime = PyTorch on {self.num_images} {self.verified_on}: "
                 f"max abs diff {self.max_abs_diff:.2e}")
 
@@ -172,8 +172,11 @@ def to_onnx(model: torch.nn.Module, path: Optional[str | Path] = None, batch_siz
     model = model.eval().cpu()
     if images is None:
         images = torch.randn(8, *input_shape(model), generator=torch.Generator().manual_seed(0))
-    images = images.float() if batch_size is None else _batch_of(images.float(), batch_size)
-    example = _batch_of(images, 2) if batch_size is None else images  # batch 2: torch.export keeps it symbolic
+    images = images.float()
+    if batch_size is not None:  # whole batches of the fixed size, covering every image
+        images = _batch_of(images, -(-len(images) // batch_size) * batch_size)
+    chunks = [images] if batch_size is None else list(images.split(batch_size))
+    example = _batch_of(images, 2) if batch_size is None else chunks[0]  # batch 2: torch.export keeps it symbolic
     proto, used = _trace(model, example, batch_size is None, opset, exporter)
     meta = onnx_metadata(model, dict(metadata or {}, exporter=used))
     del proto.metadata_props[:]
@@ -187,7 +190,8 @@ def to_onnx(model: torch.nn.Module, path: Optional[str | Path] = None, batch_siz
     data = proto.SerializeToString()
     with torch.no_grad():
         ref = model(images)
-    got = run_session(ort_session(data, threads), images)
+    session = ort_session(data, threads)
+    got = torch.cat([run_session(session, c) for c in chunks])
     diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
     if not diff <= atol:
         raise UvclabError(f"ONNX Runtime output differs from PyTorch by {diff:.3g} (> {atol:g}) on {len(images)} "
