@@ -42,6 +42,9 @@ def test_script_runs_every_method_and_writes_results(tmp_path):
     assert (tmp_path / "results" / "fashion_mnist_quick_pareto.png").stat().st_size > 10_000
     speeds = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*/speed.json")]
     assert len(speeds) == len(methods) and all(s["threads"] == 1 for s in speeds)   # timed on one thread
+    ort = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*/ort_speed.json")]
+    assert len(ort) == len(methods) and all(s["runtime"] == "onnxruntime" and s["threads"] == 1 for s in ort)
+    assert df.ort_speedup.notna().all() and "ORT speedup" in md
     # finished runs are never re-run: reports keep their timestamps
     reports = sorted((tmp_path / "out" / "runs").glob("*/report.json"))
     stamps = [p.stat().st_mtime_ns for p in reports]
@@ -52,7 +55,7 @@ def test_script_runs_every_method_and_writes_results(tmp_path):
 def test_extra_seeds_go_to_uvc_and_the_best_baseline_on_validation(tmp_path):
     protocol = Protocol(budgets=(0.6, 0.5), methods=("uvc", "uniform", "depth"), seeds=(0,), extra_seeds=(1,),
                         seed_budgets=(0.5, 0.3), seed_methods="best", config=TINY, speed_rounds=1,
-                        speed_batch_size=8)
+                        speed_batch_size=8, speed_runtimes=("torch",))
     df = run_benchmark(protocol, tmp_path, workers=1, log=lambda *_: None)
     reports = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*_s0/report.json")]
     best = best_baseline(reports, 0.5)

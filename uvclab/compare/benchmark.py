@@ -4,7 +4,8 @@ Every method starts from the same teacher weights, sees the same number of train
 search + fine-tune epochs; one-shot methods: that many fine-tune epochs), distils from the same teacher with
 the same fine-tune optimiser schedule, is selected on validation and reported on test. MACs are counted
 independently of our calculator (FlopCounterMode, explicit-matmul attention). Speed is measured afterwards in
-one process (dense vs exported, alternating rounds), never while training jobs share the CPU.
+one process (dense vs exported, alternating rounds), never while training jobs share the CPU, in PyTorch
+(`speed.json`) and, with the `deploy` extra, in ONNX Runtime (`ort_speed.json`, column `ort_speedup`).
 
 Runs are folders `<out>/runs/<method>_b<budget>_s<seed>/` with `report.json`; a finished folder is never
 re-run, so an interrupted benchmark continues where it stopped.
@@ -33,7 +34,7 @@ VARIANTS = {  # benchmark label -> config overrides; every label runs through th
 UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
 ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)
 METHODS = tuple(VARIANTS)
-COLUMNS = ["method", "budget", "macs_ratio", "params_ratio", "top1", "teacher_top1", "speedup", "seed",
+COLUMNS = ["method", "budget", "macs_ratio", "params_ratio", "top1", "teacher_top1", "speedup", "ort_speedup", "seed",
            "val_top1", "val_top1_before_finetune", "search_end_macs_ratio", "macs_ratio_calculator", "blocks_kept",
            "train_images", "seconds"]
 
@@ -52,6 +53,7 @@ class Protocol:
     speed_rounds: int = 15
     speed_iters: int = 3                 # batches per timed round
     speed_threads: Optional[int] = 1     # torch threads while timing (1: steadiest on a shared CPU; None: as is)
+    speed_runtimes: tuple = ("torch", "onnxruntime")  # where speed is timed (ONNX Runtime: the `deploy` extra)
 
     def base_config(self, method: str, budget: float, seed: int) -> CompressConfig:
         if method not in METHODS:
@@ -157,34 +159,50 @@ def run_benchmark(protocol: Protocol, out: str | Path, workers: int = 1, log=pri
         log(f"extra seeds {protocol.extra_seeds} at B={budget}: {methods}")
         extra += jobs_for(methods, [budget], protocol.extra_seeds)
     run_jobs(extra, workers, log)
-    measure_speed(runs, protocol, log)
+    for runtime in protocol.speed_runtimes:
+        measure_speed(runs, protocol, log, runtime)
     return results_table(runs)
 
 
-def measure_speed(runs: Path, protocol: Protocol, log=print) -> None:
+SPEED_FILES = {"torch": "speed.json", "onnxruntime": "ort_speed.json"}
+
+
+def measure_speed(runs: Path, protocol: Protocol, log=print, runtime: str = "torch") -> None:
     """Throughput of every finished run's model vs the dense teacher, one process, alternating rounds, with
-    `protocol.speed_threads` torch threads; writes `speed.json` next to each report (skipped when present)."""
+    `protocol.speed_threads` threads, in PyTorch or ONNX Runtime; writes `speed.json` / `ort_speed.json` next
+    to each report (skipped when present; ONNX Runtime skipped with a note without the `deploy` extra)."""
     from uvclab.compare.throughput import compare_throughput
     from uvclab.engine.compress import teacher_path
     from uvclab.engine.teacher import load_teacher
     from uvclab.vit.export import load_pruned
+    if runtime == "onnxruntime":
+        from uvclab.compare.deploy import OrtModel
+        from uvclab.vit.onnx import require_deploy
+        try:
+            require_deploy()
+        except UvclabError as e:
+            log(f"ONNX Runtime speed not measured: {e}")
+            return
     teachers = {}
     threads = torch.get_num_threads()
     if protocol.speed_threads:
         torch.set_num_threads(protocol.speed_threads)
     try:
         for rep in sorted(runs.glob("*/report.json")):
-            if (rep.parent / "speed.json").exists():
+            out = rep.parent / SPEED_FILES[runtime]
+            if out.exists() or not (rep.parent / "model" / "uvclab.json").exists():
                 continue
             r = json.loads(rep.read_text())
             path = teacher_path(load_config(rep.parent / "config.yaml"))
-            if path not in teachers:
+            if path not in teachers:  # the dense model is loaded (and exported to ONNX) once
                 teachers[path] = load_teacher(path)
+                if runtime == "onnxruntime":
+                    teachers[path] = OrtModel(teachers[path], protocol.speed_batch_size)
             res = compare_throughput(teachers[path], load_pruned(rep.parent / "model"), protocol.speed_batch_size,
                                      rounds=protocol.speed_rounds, iters=protocol.speed_iters,
-                                     dense_macs=r["dense_macs_independent"], exported_macs=r["macs_independent"])
-            atomic_write_text(rep.parent / "speed.json",
-                              json.dumps(dict(res.to_dict(), threads=torch.get_num_threads())))
+                                     dense_macs=r["dense_macs_independent"], exported_macs=r["macs_independent"],
+                                     runtime=runtime)
+            atomic_write_text(out, json.dumps(dict(res.to_dict(), threads=torch.get_num_threads())))
             log(f"speed {rep.parent.name}: {res}")
     finally:
         torch.set_num_threads(threads)
@@ -195,8 +213,9 @@ def results_table(runs: str | Path) -> pd.DataFrame:
     rows = []
     for rep in sorted(Path(runs).glob("*/report.json")):
         r = json.loads(rep.read_text())
-        sp = rep.parent / "speed.json"
-        r["speedup"] = json.loads(sp.read_text())["speedup"] if sp.exists() else float("nan")
+        for col, name in (("speedup", "speed.json"), ("ort_speedup", "ort_speed.json")):
+            sp = rep.parent / name
+            r[col] = json.loads(sp.read_text())["speedup"] if sp.exists() else float("nan")
         rows.append({c: r.get(c) for c in COLUMNS})
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["method"] = pd.Categorical(df["method"], categories=METHODS)  # table order: UVC variants, then baselines
@@ -211,7 +230,8 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
               val_before_ft=("val_top1_before_finetune", "mean"), val_before_ft_std=("val_top1_before_finetune", "std"),
               search_end_R=("search_end_macs_ratio", "mean"), blocks_kept=("blocks_kept", "mean"),
               macs_ratio=("macs_ratio", "mean"), params_ratio=("params_ratio", "mean"),
-              speedup=("speedup", "mean"), teacher_top1=("teacher_top1", "first")).reset_index()
+              speedup=("speedup", "mean"), ort_speedup=("ort_speedup", "mean"),
+              teacher_top1=("teacher_top1", "first")).reset_index()
     s["delta_vs_teacher"] = s["top1"] - s["teacher_top1"]
     return s
 
@@ -219,14 +239,14 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
 def markdown_table(df: pd.DataFrame) -> str:
     s = summary_table(df)
     lines = ["| budget | method | top-1 (%) | vs teacher | seeds | val before fine-tune | R end of search | "
-             "blocks | MACs ratio | params ratio | speedup |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "blocks | MACs ratio | params ratio | speedup | ORT speedup |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in s.iterrows():
         spread = f" ± {r.top1_std:.2f}" if r.seeds > 1 else ""
         vspread = f" ± {r.val_before_ft_std:.2f}" if r.seeds > 1 and pd.notna(r.val_before_ft_std) else ""
-        speed = f"{r.speedup:.2f}x" if pd.notna(r.speedup) else "-"
+        speed, ort = (f"{v:.2f}x" if pd.notna(v) else "-" for v in (r.speedup, r.ort_speedup))
         R = f"{r.search_end_R:.3f}" if pd.notna(r.search_end_R) else "-"
         lines.append(f"| {r.budget:g} | {r.method} | {r.top1:.2f}{spread} | {r.delta_vs_teacher:+.2f} | "
                      f"{r.seeds} | {r.val_before_ft:.2f}{vspread} | {R} | {r.blocks_kept:.1f} | {r.macs_ratio:.3f} | "
-                     f"{r.params_ratio:.3f} | {speed} |")
+                     f"{r.params_ratio:.3f} | {speed} | {ort} |")
     return "\n".join(lines) + "\n"

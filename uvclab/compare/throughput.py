@@ -1,7 +1,7 @@
 """Throughput of a dense model against its exported (physically slimmed) version on this machine.
 
 Both models run in one process on the same batch, in alternating rounds after a warm-up, so that drifts of
-the machine hit both alike. Reports images/s, the measured speedup and the MACs ratio next to it; the goal
+the machine hit both alike, in PyTorch or (runtime="onnxruntime", `uvclab.compare.deploy.OrtModel`) in ONNX Runtime. Reports images/s, the measured speedup and the MACs ratio next to it; the goal
 is speedup >= 0.9 x (dense MACs / exported MACs).
 """
 from __future__ import annotations
@@ -12,8 +12,12 @@ from typing import Optional
 
 import torch
 
+from uvclab.errors import UvclabError
 from uvclab.vit.macs import count, vit_shape
 from uvclab.vit.models import input_shape
+
+
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -26,12 +30,13 @@ class BenchResult:
     exported_macs: int
     macs_speedup: float        # dense MACs / exported MACs: the ideal speedup
     efficiency: float          # speedup / macs_speedup
+    runtime: str = "torch"     # torch | onnxruntime
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"batch {self.batch_size}: dense {self.dense_img_per_s:.1f} img/s, exported "
+        return (f"{self.runtime}, batch {self.batch_size}: dense {self.dense_img_per_s:.1f} img/s, exported "
                 f"{self.exported_img_per_s:.1f} img/s -> speedup {self.speedup:.2f}x "
                 f"(MACs ratio {self.exported_macs / self.dense_macs:.3f}, ideal {self.macs_speedup:.2f}x, "
                 f"efficiency {self.efficiency:.2f})")
@@ -48,21 +53,34 @@ def _time_once(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
 @torch.inference_mode()
 def compare_throughput(dense: torch.nn.Module, exported: torch.nn.Module, batch_size: int = 32,
                        rounds: int = 5, iters: int = 2, warmup: int = 1, dense_macs: Optional[int] = None,
-                       exported_macs: Optional[int] = None) -> BenchResult:
+                       exported_macs: Optional[int] = None, runtime: str = "torch",
+                       threads: Optional[int] = None) -> BenchResult:
     """Median over alternating rounds of the per-batch time of each model. MACs default to our calculator's
-    count (the exported model's uvclab_export structure); pass both for models pruned by other tools."""
+    count (the exported model's uvclab_export structure); pass both for models pruned by other tools.
+    runtime "onnxruntime": both models are exported to ONNX (batch fixed) and timed in ONNX Runtime with
+    `threads` intra-op threads (default: torch's thread count); either model may be an OrtModel already."""
+    run_dense, run_exported = dense, exported
+    if runtime == "onnxruntime":  # an OrtModel passed in is reused (e.g. one dense model against many exports)
+        from uvclab.compare.deploy import OrtModel
+        run_dense, run_exported = (m if isinstance(m, OrtModel) else OrtModel(m, batch_size, threads)
+                                   for m in (dense, exported))
+        dense, exported = run_dense.model, run_exported.model
+    elif runtime != "torch":
+        raise UvclabError(f"Unknown runtime '{runtime}'. Choose from: {', '.join(RUNTIMES)}.")
     dense, exported = dense.eval(), exported.eval()
     x = torch.randn(batch_size, *input_shape(dense))
+    if runtime == "torch":
+        run_dense, run_exported = dense, exported
     for _ in range(warmup):
-        _time_once(dense, x, 1)
-        _time_once(exported, x, 1)
+        _time_once(run_dense, x, 1)
+        _time_once(run_exported, x, 1)
     td, te = [], []
     for _ in range(rounds):
-        td.append(_time_once(dense, x, iters))
-        te.append(_time_once(exported, x, iters))
+        td.append(_time_once(run_dense, x, iters))
+        te.append(_time_once(run_exported, x, iters))
     td_med, te_med = sorted(td)[len(td) // 2], sorted(te)[len(te) // 2]
     dm = dense_macs if dense_macs is not None else count(vit_shape(dense))["macs"]
     em = exported_macs if exported_macs is not None else count(exported)["macs"]
     speedup = td_med / te_med
     return BenchResult(batch_size, batch_size / td_med, batch_size / te_med, speedup, dm, em, dm / em,
-                       speedup / (dm / em))
+                       speedup / (dm / em), runtime)

@@ -1,7 +1,8 @@
 """The `uvclab` command line: a thin layer over the library.
 
   uvclab macs MODEL [--img-size N] [--num-classes K] [--structure FILE] [--layout L] [--json]
-  uvclab bench MODEL [--macs-ratio R | --structure FILE] [--batch-size B] [--json]
+  uvclab bench MODEL [--macs-ratio R | --structure FILE] [--batch-size B] [--runtime onnxruntime] [--json]
+  uvclab export-onnx RUN_DIR [--out FILE] [--dynamic-batch | --batch-size B] [--opset N] [--json]
   uvclab compress [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume]
   uvclab teacher [CONFIG.yaml] --model NAME --dataset NAME [--set key=value ...] --out STEM
 Every `--set` / `--model-arg` goes through the one parser (`uvclab.engine.config.parse_overrides`).
@@ -67,8 +68,19 @@ def cmd_bench(args) -> None:
     structure = Structure.load(args.structure) if args.structure else uniform_structure(model, args.macs_ratio,
                                                                                          args.layout)
     exported = export_model(model, structure, args.layout)
-    res = compare_throughput(model, exported, batch_size=args.batch_size, rounds=args.rounds)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = compare_throughput(model, exported, batch_size=args.batch_size, rounds=args.rounds, runtime=args.runtime,
+                             threads=args.threads)
     print(json.dumps(res.to_dict()) if args.json else res)
+
+
+def cmd_export_onnx(args) -> None:
+    from uvclab.compare.deploy import export_onnx, model_folder
+    out = Path(args.out) if args.out else model_folder(args.run_dir) / "model.onnx"
+    res = export_onnx(args.run_dir, out, batch_size=None if args.dynamic_batch else args.batch_size,
+                      opset=args.opset, num_images=args.images, exporter=args.exporter)
+    print(json.dumps({k: v for k, v in res.to_dict().items() if k != "metadata"}) if args.json else res)
 
 
 def cmd_compress(args) -> None:
@@ -123,7 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "when no --structure is given")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    q.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="time in PyTorch or in ONNX Runtime (CPU; needs the 'deploy' extra)")
+    q.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     q.set_defaults(func=cmd_bench)
+
+    q = sub.add_parser("export-onnx", help="write a run's exported model as ONNX, verified in ONNX Runtime")
+    q.add_argument("run_dir", help="run folder of `uvclab compress` (or a folder written by save_pruned)")
+    q.add_argument("--out", help="ONNX file (default: RUN_DIR/model/model.onnx)")
+    q.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed --batch-size)")
+    q.add_argument("--batch-size", type=int, default=1, help="the fixed batch size of the graph")
+    q.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    q.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                   help="torch.onnx exporter (auto: dynamo, TorchScript where dynamo fails)")
+    q.add_argument("--images", type=int, default=16, help="test images the ONNX output is verified on")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=cmd_export_onnx)
 
     q = sub.add_parser("compress", help="compress a model: search (UVC) or cut (a baseline) a structure under a "
                        "MACs budget, export, fine-tune")
