@@ -10,6 +10,7 @@ never used for model selection. Batches come from `make_loader`, seeded for repr
 from __future__ import annotations
 
 import gzip
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -162,7 +163,9 @@ def _has_fashion(folder: Path) -> Optional[Path]:
 
 def find_fashion_mnist(root: Optional[str | Path] = None, download: bool = True) -> Path:
     """Folder with Fashion-MNIST: `root` if given, else $UVCLAB_DATA (or data/), else the Debian package's
-    folder, else torchvision's download into root (or the data folder) when `download` and online."""
+    folder. When missing and `download`: torchvision's download into root (or the data folder), and if that
+    fails (offline), the Debian package fetched without root (`apt-get download` + `dpkg-deb -x`, the same
+    files) into root/fashion-mnist (or the data folder's)."""
     candidates = [Path(root)] if root is not None else [data_dir(), DEBIAN_FASHION_MNIST]
     for folder in candidates:
         found = _has_fashion(folder)
@@ -172,17 +175,23 @@ def find_fashion_mnist(root: Optional[str | Path] = None, download: bool = True)
     fix = ("Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, files in "
            f"{DEBIAN_FASHION_MNIST}), or put the four *-ubyte.gz files in a folder and pass root=FOLDER "
            "(--set data_root=FOLDER) or set UVCLAB_DATA=FOLDER (files in FOLDER/fashion-mnist), "
-           "or go online and let torchvision download it (download=True).")
+           "or go online (or reach a Debian package mirror) and let uvclab download it (download=True).")
+    where = f"Fashion-MNIST not found in {[str(c) for c in candidates]}"
     if not download:
-        raise UvclabError(f"Fashion-MNIST not found in {[str(c) for c in candidates]}. {fix}")
+        raise UvclabError(f"{where}. {fix}")
     try:
         import torchvision
         for train in (True, False):
             torchvision.datasets.FashionMNIST(str(target), train=train, download=True)
+        return _has_fashion(target) or target
     except Exception as e:  # offline: URLError, timeouts, partial files
-        raise UvclabError(f"Fashion-MNIST not found in {[str(c) for c in candidates]} and the download into "
-                          f"'{target}' failed ({e}). {fix}") from e
-    return _has_fashion(target) or target
+        tv_error = f"torchvision's download into '{target}' failed ({str(e).splitlines()[0][:200]})"
+    from uvclab.engine.debian_data import FASHION_MEMBER, FASHION_PACKAGE, fetch_deb_files
+    names = [f for pair in FASHION_FILES.values() for f in pair]
+    try:
+        return fetch_deb_files(FASHION_PACKAGE, FASHION_MEMBER, target / "fashion-mnist", names)
+    except (UvclabError, OSError, subprocess.SubprocessError) as e:
+        raise UvclabError(f"{where}; {tv_error}; fetching the Debian package failed too ({e}). {fix}") from e
 
 
 def load_fashion_mnist(root=None, split_seed: int = 0, val_fraction: Optional[float] = None,
