@@ -32,6 +32,8 @@ DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3760,)    # over all 1797 images, pixels
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)  # over the 60k training images
 FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")  # label 0..9
 DEFAULT_VAL_FRACTION = {"digits": 0.15, "fashion_mnist": 0.1, "cifar10": 0.1, "cifar100": 0.1, "imagefolder": 0.02}
 
 
