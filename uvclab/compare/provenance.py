@@ -3,8 +3,9 @@
 A *family* is the runs that start from the same teacher, model and data and share one recipe (epochs, steps,
 learning rates, batch size...): they differ only in what a sweep varies (method, budget, seed, distillation,
 UVC settings, layout). So a budget sweep made with papermill, a notebook's ablations and a whole benchmark
-each show as one family, wherever their folders lie. Each run's `changes` lists the settings in which it
-differs from its family's most common value. This is the model map of Compress and Compare (Boggust et al.,
+each show as one family, wherever their folders lie. Besides its method, budget, seed and KD, each run's
+`changes` lists the settings in which it differs from its family's most common value (every run of a family
+shows a setting whose values tie). This is the model map of Compress and Compare (Boggust et al.,
 IEEE VIS 2024) as a table; `uvclab.ui.compare_figures.plot_provenance` draws it.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from uvclab.paths import REPO_ROOT, default_teacher, runs_dir
 
 SWEPT = ("method", "macs_ratio", "seed", "kd", "kd_alpha", "kd_tau", "kd_reduction", "layout", "budget_slack")
 NOT_RECIPE = ("threads", "device", "progress", "num_workers", "resume")  # how it ran, not what it computed
-KEY_COLUMNS = ["method", "budget", "seed", "kd"]
+SHOWN = ("method", "macs_ratio", "seed", "kd")   # columns of their own in the table, not repeated in `changes`
 
 
 def _config(run_dir: Path) -> dict:
@@ -47,6 +48,12 @@ def _teacher(cfg: dict, dataset: str) -> tuple[str, Optional[float]]:
     return path.stem, top1
 
 
+def _reference(values) -> Optional[str]:
+    """The family's value of a setting: the most common one; None when several tie (then every run shows it)."""
+    top = Counter(values).most_common(2)
+    return top[0][0] if len(top) == 1 or top[0][1] > top[1][1] else None
+
+
 def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -54,7 +61,7 @@ def _fmt(v) -> str:
 def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
     """One row per finished run under `runs_root` (default `paths.runs_dir()`): teacher, teacher_top1,
     family, run (folder relative to the root), method, budget, seed, kd, changes (settings that differ from
-    the family's most common value, 'key=value; ...'), top1, macs, macs_ratio, path. Sorted by teacher,
+    the family's most common value, 'key=value; ...', besides method, budget, seed and kd, which are columns), top1, macs, macs_ratio, path. Sorted by teacher,
     family, method, budget."""
     root = Path(runs_root or runs_dir())
     runs = read_runs(root)
@@ -81,12 +88,12 @@ def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
         folders = [str(Path(p).parent) for p in g["run"]]
         common = os.path.commonpath(folders) if all(f != "." for f in folders) else "."
         df.loc[g.index, "family"] = f"{teacher}: {common if common not in ('', '.') else 'runs'}"
-        keys = sorted({k for i in g.index for k in configs[i]})
+        keys = sorted({k for i in g.index for k in configs[i]} - set(SHOWN))
         uses = lambda i, k: not k.startswith("uvc.") or configs[i].get("method", "uvc") == "uvc"  # noqa: E731
-        mode = {k: Counter(str(configs[i].get(k)) for i in g.index if uses(i, k)).most_common(1) for k in keys}
+        mode = {k: _reference(str(configs[i].get(k)) for i in g.index if uses(i, k)) for k in keys}
         for i in g.index:       # uvc.* settings count only for UVC runs (one-shot methods ignore them)
             diff = [f"{k}={_fmt(configs[i].get(k))}" for k in keys
-                    if uses(i, k) and str(configs[i].get(k)) != mode[k][0][0]]
+                    if uses(i, k) and str(configs[i].get(k)) != mode[k]]
             df.loc[i, "changes"] = "; ".join(diff)
     dup = df.groupby("family")["recipe"].transform("nunique") > 1     # two recipes in one folder: number them
     if dup.any():

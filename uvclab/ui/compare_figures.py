@@ -176,7 +176,8 @@ def plot_provenance(prov: pd.DataFrame, max_runs: int = 60) -> Figure:
                 name = r["run"][len(folder) + 1:] if r["run"].startswith(folder + "/") else r["run"]
                 ax.plot([0.95, 1.05], [fy, ys[i]], color="#bbb", lw=0.6)
                 ax.scatter([1.06], [ys[i]], c=colour, marker=marker, s=22, zorder=3)
-                ax.text(1.09, ys[i], f"{name}  {r['method']} B={r['budget']:g}  {r['top1']:.2f} %  {r['changes']}",
+                ax.text(1.09, ys[i], f"{name}  {r['method']} B={r['budget']:g} seed {r['seed']} kd {r['kd']}  {r['top1']:.2f} %  "
+                        f"{r['changes']}",
                         va="center", fontsize=7)
     ax.set_xlim(-0.45, 3.3)
     ax.set_ylim(-1, n)
