@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow   # the fixture trains two small runs (about 10 s)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return make_small_runs(tmp_path_factory.mktemp("runs"), ["sweep/uvc_b0.50", "baselines/magnitude_b0.50"])
+    return make_small_runs(tmp_path_factory.mktemp("runs"))
 
 
 def report(run):
@@ -110,3 +110,42 @@ def test_bad_pairs_are_clear_errors(runs, tmp_path):
     (other / "model" / "uvclab.json").write_text(json.dumps(card))
     with pytest.raises(UvclabError, match="label sets differ"):
         compare_runs(uvc, other)
+
+
+def test_figures_have_labelled_axes(runs):
+    import matplotlib.pyplot as plt
+    from uvclab.compare.runs import read_runs
+    from uvclab.ui import compare_figures as cf
+    c = compare_runs(runs["sweep/uvc_b0.30"], runs["sweep/uvc_b0.50"])
+    root = runs["sweep/uvc_b0.30"].parents[1]
+    figs = [cf.plot_runs_scatter(read_runs(root), str(runs["sweep/uvc_b0.30"]), "teacher", 96.67),
+            cf.plot_class_delta(c), cf.plot_confusion_delta(c), cf.plot_structure_diff(c.structure_diff)]
+    for fig in figs:
+        ax = fig.axes[0]
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), fig
+        plt.close(fig)
+    gallery = cf.plot_flipped_gallery(c, "wrong_to_right", limit=4)
+    shown = [ax.get_title() for ax in gallery.axes if ax.get_images()]
+    assert len(shown) == min(4, len(c.wrong_to_right)) and all("A: " in t and "B: " in t for t in shown)
+    plt.close(gallery)
+
+
+def test_compare_view_follows_the_selection(runs):
+    from uvclab.ui.compare_view import compare_view
+    root = runs["sweep/uvc_b0.30"].parents[1]
+    box = compare_view(root)
+    paths = [v for _, v in box.run_a.options]
+    assert paths[0] == "teacher" and len(paths) == 4 and box.run_a.value == "teacher"
+    png = lambda out: out.outputs[0]["data"]["image/png"]  # noqa: E731
+    before = (box.summary_html.value, png(box.class_out), png(box.gallery_out), png(box.structure_out))
+    assert "agreement" in before[0] and box.comparison.a.kind == "teacher"
+    box.run_a.value = str(runs["baselines/magnitude_b0.50"])
+    box.run_b.value = str(runs["sweep/uvc_b0.30"])
+    after = (box.summary_html.value, png(box.class_out), png(box.gallery_out), png(box.structure_out))
+    assert box.comparison.a.label == "magnitude_b0.50" and box.comparison.b.label == "uvc_b0.30"
+    assert all(x != y for x, y in zip(before, after)), "summary, per-class chart, gallery and structure follow"
+    box.kind.value = "wrong \u2192 right"
+    assert png(box.gallery_out) != after[2] and "wrong to right" not in box.summary_html.value
+    box.run_b.value = "teacher"
+    box.run_a.value = "teacher"
+    assert "Cannot compare" in box.summary_html.value and box.gallery_out.outputs == ()

@@ -72,7 +72,7 @@ def plot_class_delta(comp) -> Figure:
     ax.axvline(0, color="k", lw=0.8)
     lim = max(1.0, float(np.abs(d).max())) * 1.6
     ax.set_xlim(-lim, lim)
-    ax.set(xlabel=f"accuracy of B - accuracy of A (points); in brackets: B's accuracy",
+    ax.set(xlabel="accuracy of B - accuracy of A (points); in brackets: B's accuracy", ylabel="true class",
            title=f"Per-class change: A = {comp.a.label}, B = {comp.b.label}")
     ax.legend(handles=[Patch(color=B_COLOUR, label="B better"), Patch(color=A_COLOUR, label="A better")],
               fontsize=8, loc="lower right")
