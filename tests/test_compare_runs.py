@@ -62,6 +62,9 @@ def test_teacher_side_and_structure_difference(runs):
     assert (d.heads_both + d.heads_only_a == st.num_heads).all()
     d2 = compare_runs(uvc, runs["baselines/magnitude_b0.50"]).structure_diff
     assert (d2.mlp_both + d2.mlp_only_a == d.mlp_both).all()
+    mag = runs["baselines/magnitude_b0.50"]
+    compare_runs(mag, "teacher")               # the teacher's logits are in memory; mag's folder gets a copy too
+    assert (mag / "predictions" / "teacher_test_logits.safetensors").is_file()
 
 
 def test_predictions_are_cached_and_invalidated_when_the_model_changes(runs, tmp_path, monkeypatch):

@@ -148,6 +148,8 @@ def test_fashion_mnist_found_under_uvclab_data(tmp_path, monkeypatch):
 def test_real_fashion_mnist_split_sizes():
     s = load_dataset("fashion_mnist", root=data.DEBIAN_FASHION_MNIST, download=False)
     assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
+    test = data.fashion_mnist_test(data.DEBIAN_FASHION_MNIST, download=False)   # the test split alone
+    assert torch.equal(test.images, s.test.images) and torch.equal(test.labels, s.test.labels)
 
 
 def test_unknown_and_unavailable_datasets(tmp_path):

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from uvclab.engine.data import FASHION_CLASSES, load_dataset
+from uvclab.engine.data import FASHION_CLASSES, fashion_mnist_test, load_dataset
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write
 from uvclab.paths import REPO_ROOT, default_teacher
@@ -160,12 +160,15 @@ def check_comparable(a: Side, b: Side) -> None:
 @functools.lru_cache(maxsize=4)
 def load_test_split(dataset: str, data_root: Optional[str], split_seed: int, img_size: Optional[int]):
     """(test Dataset, labels (N,) int64, class names) of a dataset; kept in memory for the session."""
-    splits = load_dataset(dataset, root=data_root, split_seed=split_seed, img_size=img_size, augment=False)
-    test = splits.test
+    if dataset == "fashion_mnist":                 # the test images only: 10k instead of 70k to read
+        test, num_classes = fashion_mnist_test(data_root, img_size), 10
+    else:
+        splits = load_dataset(dataset, root=data_root, split_seed=split_seed, img_size=img_size, augment=False)
+        test, num_classes = splits.test, splits.num_classes
     labels = (test.labels.numpy() if hasattr(test, "labels")
               else np.asarray([int(y) for _, y in test]))
     names = (FASHION_CLASSES if dataset == "fashion_mnist" else getattr(test, "classes", None)
-             or [str(i) for i in range(splits.num_classes)])
+             or [str(i) for i in range(num_classes)])
     return test, labels.astype(np.int64), list(names)
 
 
@@ -189,6 +192,15 @@ def _cache_path(side: Side) -> Optional[Path]:
 
 def _key(side: Side, n: int) -> dict:
     return {"weights_sha256": weights_sha256(side.weights), "test_split": json.dumps(side.test_split), "n": str(n)}
+
+
+def _cache_matches(path: Path, key: dict) -> bool:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(f.metadata() or {}) == key
+    except Exception:  # noqa: BLE001 - missing or corrupt: no match
+        return False
 
 
 def _read_cache(path: Optional[Path], key: dict) -> Optional[np.ndarray]:
@@ -238,9 +250,11 @@ def test_logits(side: Side, max_samples: Optional[int] = None) -> np.ndarray:
     n = len(labels) if max_samples is None else min(int(max_samples), len(labels))
     key = _key(side, n)
     memo_key = (str(side.weights), key["weights_sha256"], key["test_split"], n)
-    if memo_key in _MEMO:
-        return _MEMO[memo_key]
     path = _cache_path(side)
+    if memo_key in _MEMO:                      # seen in this session; still leave a cache in this run folder
+        if path is not None and not _cache_matches(path, key):
+            _write_cache(path, _MEMO[memo_key], key)
+        return _MEMO[memo_key]
     logits = _read_cache(path, key)
     if logits is None:
         logits = compute_logits(side.load_model(), test, n)

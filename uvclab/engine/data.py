@@ -196,18 +196,27 @@ def find_fashion_mnist(root: Optional[str | Path] = None, download: bool = True)
         raise UvclabError(f"{where}; {tv_error}; fetching the Debian package failed too ({e}). {fix}") from e
 
 
+def _fashion_arrays(folder: Path, split: str, img_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    img_file, lbl_file = FASHION_FILES[split]
+    x = torch.from_numpy(read_idx(folder / img_file).copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
+    return resize_images(x, img_size), torch.from_numpy(read_idx(folder / lbl_file).astype(np.int64))
+
+
 def load_fashion_mnist(root=None, split_seed: int = 0, val_fraction: Optional[float] = None,
                        img_size: Optional[int] = None, augment: bool = True, download: bool = True) -> Splits:
     """Fashion-MNIST 28x28: val carved from the 60k training images, test = the official 10k."""
     folder = find_fashion_mnist(root, download)
-    arrays = {}
-    for split, (img_file, lbl_file) in FASHION_FILES.items():
-        x = torch.from_numpy(read_idx(folder / img_file).copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
-        arrays[split] = (resize_images(x, img_size), torch.from_numpy(read_idx(folder / lbl_file).astype(np.int64)))
-    (tx, ty), (sx, sy) = arrays["train"], arrays["test"]
+    (tx, ty), (sx, sy) = (_fashion_arrays(folder, split, img_size) for split in ("train", "test"))
     return _in_memory_splits("fashion_mnist", tx, ty, sx, sy, val_fraction or DEFAULT_VAL_FRACTION["fashion_mnist"],
                              split_seed, FASHION_MEAN, FASHION_STD, crop_padding=2, hflip=True, augment=augment,
                              num_classes=10)
+
+
+def fashion_mnist_test(root=None, img_size: Optional[int] = None, download: bool = True) -> TensorImages:
+    """Only the official 10k Fashion-MNIST test images (the same items as `load_fashion_mnist(...).test`),
+    without reading the 60k training images."""
+    return TensorImages(*_fashion_arrays(find_fashion_mnist(root, download), "test", img_size), FASHION_MEAN,
+                        FASHION_STD)
 
 
 # ---- torchvision datasets (CIFAR, ImageFolder) -----------------------------------------------------------
