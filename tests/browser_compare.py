@@ -50,13 +50,14 @@ def check_compare_view(session, runs: dict, artifacts: Path, cap: float) -> str:
     box = session.page.locator("[data-uvclab-compare]")
     box.scroll_into_view_if_needed(timeout=session.deadline.ms(10))
     box.screenshot(path=str(artifacts / "browser-compare-before.png"), timeout=session.deadline.ms(20))
-    by_folder = {name: next(o for o in before["options"] if o.startswith(name + " ")) for name in runs}
+    plain = lambda text: (text or "").replace("\xa0", " ")   # noqa: E731  ipywidgets shows spaces as nbsp
+    by_folder = {name: next(o for o in before["options"] if plain(o).startswith(name + " ")) for name in runs}
     new_a = by_folder["baselines/magnitude_b0.50"]
-    new_b = next(o for n, o in by_folder.items() if n.startswith("sweep/") and o not in (before["b"], new_a))
-    session.log(f"compare view: A {before['a']!r} -> {new_a!r}, B {before['b']!r} -> {new_b!r}")
+    new_b = next(o for n, o in by_folder.items() if n.startswith("sweep/") and plain(o) != plain(before["b"]))
+    session.log(f"compare view: A {plain(before['a'])!r} -> {plain(new_a)!r}, B {plain(before['b'])!r} -> {plain(new_b)!r}")
     box.locator(".uvclab-compare-a select").select_option(label=new_a, timeout=session.deadline.ms(10))
     box.locator(".uvclab-compare-b select").select_option(label=new_b, timeout=session.deadline.ms(10))
-    name_a, name_b = (Path(runs[o.split(" ")[0]]).name for o in (new_a, new_b))
+    name_a, name_b = (Path(runs[plain(o).split(" ")[0]]).name for o in (new_a, new_b))
     followed = lambda s: (ready(s) and f"({name_a})" in s["summary"] and f"({name_b})" in s["summary"]  # noqa: E731
                           and s["classes"] != before["classes"] and s["gallery"] != before["gallery"])
     while True:                                            # settled: the same for 1 s (no queued render left)
@@ -66,9 +67,9 @@ def check_compare_view(session, runs: dict, artifacts: Path, cap: float) -> str:
         if (again["summary"], again["classes"], again["gallery"]) == (after["summary"], after["classes"], after["gallery"]):
             break
     box.screenshot(path=str(artifacts / "browser-compare-after.png"), timeout=session.deadline.ms(20))
-    assert (after["a"], after["b"]) == (new_a, new_b)
+    assert (plain(after["a"]), plain(after["b"])) == (plain(new_a), plain(new_b))
     for side, opt in (("A", new_a), ("B", new_b)):         # the cards show the chosen runs' own test accuracy
-        report = json.loads((runs[opt.split(" ")[0]] / "report.json").read_text())
+        report = json.loads((runs[plain(opt).split(" ")[0]] / "report.json").read_text())
         assert abs(_top1(after["summary"], side) - report["top1"]) < 0.006, (side, after["summary"])
     assert after["classes"] != before["classes"] and after["gallery"] != before["gallery"]
     assert after["structure"] != before["structure"], "the structure difference did not follow"
