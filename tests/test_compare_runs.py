@@ -152,3 +152,22 @@ def test_compare_view_follows_the_selection(runs):
     box.run_b.value = "teacher"
     box.run_a.value = "teacher"
     assert "Cannot compare" in box.summary_html.value and box.gallery_out.outputs == ()
+
+
+def test_flip_confidence_and_find_run(runs):
+    from uvclab.compare.behaviour import flip_confidence
+    from uvclab.compare.runs import find_run
+    from uvclab.engine.config import CompressConfig
+    uvc = runs["sweep/uvc_b0.30"]
+    c = compare_runs("teacher", uvc)
+    f = flip_confidence(c)
+    assert f["a_right"] == (c.pred_a == c.labels).sum() and f["flipped"] == len(c.right_to_wrong)
+    conf = c.prob_a.max(1)
+    assert f["median_conf_flipped"] == pytest.approx(np.median(conf[c.right_to_wrong]))
+    assert 0 <= f["share_of_flips_in_low"] <= 1 and 0 <= f["auroc_low_conf"] <= 1
+    n_low = int(np.ceil(0.25 * f["a_right"]))
+    rate = lambda: f["flip_rate_low"] * n_low + f["flip_rate_rest"] * (f["a_right"] - n_low)  # noqa: E731
+    assert rate() == pytest.approx(f["flipped"], abs=2)      # the two rates split the flips (ties aside)
+    cfg = CompressConfig.from_dict(yaml.safe_load((uvc / "config.yaml").read_text()))
+    assert find_run(cfg.to_dict(), uvc.parents[1]) == uvc
+    assert find_run(dict(cfg.to_dict(), seed=7), uvc.parents[1]) is None

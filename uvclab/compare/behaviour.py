@@ -180,6 +180,28 @@ def structure_diff(a: Optional[Structure], b: Optional[Structure]) -> Optional[p
     return df
 
 
+def flip_confidence(c: Comparison, low_quantile: float = 0.25) -> dict:
+    """Are the images B gets wrong where A was right the ones A was unsure of? (A is usually the teacher.)
+
+    Over the images A classifies correctly: A's confidence (its top probability) on the flipped ones
+    (right -> wrong) against all of them; the share of flips among A's least confident `low_quantile` of these
+    images and the flip rate there and elsewhere; and the AUROC of low A confidence as a predictor of a flip
+    (0.5: unrelated, 1: every flip is less confident than every kept image)."""
+    from sklearn.metrics import roc_auc_score
+    right = c.pred_a == c.labels
+    conf = c.prob_a.max(1)[right]
+    flipped = (c.pred_b != c.labels)[right]
+    low = conf <= np.quantile(conf, low_quantile)
+    both = 0 < flipped.sum() < len(flipped)
+    return {"a_right": int(right.sum()), "flipped": int(flipped.sum()),
+            "median_conf_flipped": float(np.median(conf[flipped])) if flipped.any() else float("nan"),
+            "median_conf_a_right": float(np.median(conf)),
+            "share_of_flips_in_low": float(flipped[low].sum() / max(flipped.sum(), 1)),
+            "flip_rate_low": float(flipped[low].mean()), "flip_rate_rest": float(flipped[~low].mean()),
+            "auroc_low_conf": float(roc_auc_score(flipped, -conf)) if both else float("nan"),
+            "low_quantile": low_quantile}
+
+
 def compare_runs(a, b="teacher", max_samples: Optional[int] = None) -> Comparison:
     """Compare two models on the test split: each of `a`, `b` is a finished run folder or 'teacher' (the
     teacher of the other side's run; a teacher card path also works). `max_samples`: only the first N test
