@@ -54,24 +54,26 @@ def comparison_html(c: Comparison) -> str:
 
 
 def render_comparison(a, b, kind: str = "right_to_wrong", max_samples: Optional[int] = None,
-                      comparison: Optional[Comparison] = None) -> tuple[str, dict]:
+                      comparison: Optional[Comparison] = None, gallery_size: int = 12) -> tuple[str, dict]:
     """(summary HTML, {'classes', 'gallery', 'structure': Figure}) of compare_runs(a, b)."""
     c = comparison or compare_runs(a, b, max_samples=max_samples)
-    figs = {"classes": cf.plot_class_delta(c), "gallery": cf.plot_flipped_gallery(c, kind),
+    figs = {"classes": cf.plot_class_delta(c), "gallery": cf.plot_flipped_gallery(c, kind, gallery_size),
             "structure": cf.plot_structure_diff(c.structure_diff, c.a.label, c.b.label)}
     return comparison_html(c), figs
 
 
 def _show(out: W.Output, fig) -> None:
     try:
-        out.outputs = (_png_output(fig),)
+        out.outputs = (_png_output(fig, "<figure>"),)
     finally:
         plt.close(fig)
 
 
-def compare_view(runs_root: str | Path | None = None, a=None, b=None, max_samples: Optional[int] = None) -> W.VBox:
-    """A VBox: two run dropdowns (A, B), the scatter, headline numbers, per-class chart, flipped gallery
-    (toggle: right -> wrong / wrong -> right), structure difference. Defaults: A = teacher, B = the first run.
+def compare_view(runs_root: str | Path | None = None, a=None, b=None, max_samples: Optional[int] = None,
+                 gallery_size: int = 12) -> W.VBox:
+    """A VBox: two run dropdowns (A, B), the scatter, headline numbers, per-class chart, flipped gallery of up
+    to `gallery_size` images (toggle: right -> wrong / wrong -> right), structure difference.
+    Defaults: A = teacher, B = the first run.
     Inner widgets are attributes: `run_a`, `run_b`, `kind`, `scatter_out`, `summary_html`, `class_out`,
     `gallery_out`, `structure_out`; `box.comparison` is the current `Comparison` (None after an error)."""
     root = Path(runs_root or runs_dir())
@@ -97,13 +99,14 @@ def compare_view(runs_root: str | Path | None = None, a=None, b=None, max_sample
     def update(change=None) -> None:
         if change is not None and change["owner"] is kind:        # same pair: only the gallery changes
             if box.comparison is not None:
-                _show(gallery_out, cf.plot_flipped_gallery(box.comparison, KINDS[kind.value]))
+                _show(gallery_out, cf.plot_flipped_gallery(box.comparison, KINDS[kind.value], gallery_size))
             return
         summary_html.value = _BUSY.replace("uvclab-summary", "uvclab-compare-summary")
         _show(scatter_out, cf.plot_runs_scatter(runs, run_a.value, run_b.value, teacher_top1))
         try:
             box.comparison = compare_runs(run_a.value, run_b.value, max_samples=max_samples)
-            text, figs = render_comparison(None, None, KINDS[kind.value], comparison=box.comparison)
+            text, figs = render_comparison(None, None, KINDS[kind.value], comparison=box.comparison,
+                                           gallery_size=gallery_size)
         except (UvclabError, OSError) as e:
             box.comparison = None
             summary_html.value = (f'<div class="uvclab-compare-summary" style="color:#b00">Cannot compare: '
