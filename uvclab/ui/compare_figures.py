@@ -157,7 +157,7 @@ def plot_provenance(prov: pd.DataFrame, max_runs: int = 60) -> Figure:
     run, method, budget, top-1 and its changes from the family), leaves coloured by method."""
     prov = prov.head(max_runs)
     n = max(len(prov), 1)
-    fig, ax = plt.subplots(figsize=(12, 0.24 * n + 0.9), dpi=DPI, layout="constrained")
+    fig, ax = plt.subplots(figsize=(10.5, 0.24 * n + 0.9), dpi=DPI, layout="constrained")
     styles = method_colours(prov["method"])
     ys = {i: n - 1 - k for k, i in enumerate(prov.index)}
     for t, tg in prov.groupby("teacher", sort=False):
