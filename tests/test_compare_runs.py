@@ -93,6 +93,8 @@ def test_bad_pairs_are_clear_errors(runs, tmp_path):
     uvc = runs["sweep/uvc_b0.50"]
     with pytest.raises(UvclabError, match="Both sides are 'teacher'"):
         compare_runs("teacher", "teacher")
+    with pytest.raises(UvclabError, match="pass a run folder there"):
+        compare_runs("teacher", predictions.default_teacher("digits").with_suffix(".json"))
     unfinished = tmp_path / "unfinished"
     shutil.copytree(uvc, unfinished, ignore=shutil.ignore_patterns("model"))
     with pytest.raises(UvclabError, match=r"no exported model \(model/model.safetensors and model/uvclab.json "

@@ -130,6 +130,8 @@ def resolve_pair(a, b) -> tuple[Side, Side]:
     sa = None if str(a) == TEACHER else (resolve_teacher(a, None) if str(a).endswith(".json") else resolve_run(a))
     sb = None if str(b) == TEACHER else (resolve_teacher(b, None) if str(b).endswith(".json") else resolve_run(b))
     run = sa if sa is not None and sa.kind == "run" else sb
+    if (sa is None or sb is None) and (run is None or run.kind != "run"):
+        raise UvclabError("'teacher' means the teacher of the run on the other side: pass a run folder there.")
     if sa is None:
         sa = resolve_teacher(teacher_file(run), run.cache_dir)
     if sb is None:
