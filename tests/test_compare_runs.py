@@ -154,6 +154,10 @@ def test_compare_view_follows_the_selection(runs):
     box.run_b.value = "teacher"
     box.run_a.value = "teacher"
     assert "Cannot compare" in box.summary_html.value and box.gallery_out.outputs == ()
+    from uvclab.ui.compare_view import workbench
+    tabs = workbench(root)                      # the structure explorer and the Compare view side by side
+    assert [tabs.get_title(i) for i in range(2)] == ["Structure", "Compare"]
+    assert "uvclab-compare" in tabs.children[1]._dom_classes and tabs.children[0].slider is not None
 
 
 def test_flip_confidence_and_find_run(runs):
