@@ -83,6 +83,10 @@ class JupyterLab:
         notif = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
         notif.parent.mkdir(parents=True, exist_ok=True)
         notif.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+        # every cell rendered (no windowing): widgets below the fold keep their text readable to the test
+        tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+        tracker.parent.mkdir(parents=True, exist_ok=True)
+        tracker.write_text(json.dumps({"windowingMode": "none"}))
         env = dict(os.environ, JUPYTER_CONFIG_DIR=str(self.home / "config"),
                    JUPYTER_RUNTIME_DIR=str(self.home / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings),
                    JUPYTERLAB_WORKSPACES_DIR=str(self.home / "workspaces"), PYTHONUNBUFFERED="1")

@@ -2,13 +2,19 @@
 by Playwright open a notebook that shows `uvclab.ui.widgets.explorer`, run all cells, move the budget slider
 with the keyboard, and check that the headline numbers, the structure table and the mask figure follow.
 
+The test makes three small real runs first (digits, a few seconds each: a UVC budget sweep and a magnitude
+baseline, `tests/small_runs.py`) and points the lab at them ($UVCLAB_RUNS), so the real notebook's explorer
+shows learned structures (not its "uniform structure (live, untrained)" fallback). With the real notebook it
+then picks two runs in the Compare view's dropdowns and checks that the comparison, the per-class chart and
+the flipped-examples gallery change to the new pair.
+
 Needs `bash .ci/install-browser .venv` (Debian's chromium + the `playwright` driver from PyPI; `.ci/run` calls
 it); skips, saying why, only where /usr/bin/chromium or the driver is missing. Run it alone with
 
     .venv/bin/pytest -m browser -s tests/test_browser.py
 
-Screenshots (lab page and explorer, before and after the slider move; `browser-failure.png` on a failure)
-go to test-artifacts/ at the repository root (gitignored).
+Screenshots (lab page and explorer, before and after the slider move; the Compare view before and after
+the selection; `browser-failure.png` on a failure) go to test-artifacts/ at the repository root (gitignored).
 
 Which notebook (UVCLAB_BROWSER_NOTEBOOK, default `auto`):
   real       a copy of notebooks/07_explorer.ipynb without its outputs (in a temp folder; the repository's
@@ -30,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from browser_helpers import CHROMIUM, CHROMIUM_ARGS, Deadline, JupyterLab, browser_unavailable
+from browser_compare import check_compare_view
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -37,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 REAL_NOTEBOOK = REPO / "notebooks" / "07_explorer.ipynb"
 CHOICE = os.environ.get("UVCLAB_BROWSER_NOTEBOOK", "auto")
-TIME_LIMIT_S = 150          # the whole test, server and browser start included (teardown adds < 25 s)
-REAL_NOTEBOOK_S = 70        # how long `auto` gives the real notebook to show its explorer
+TIME_LIMIT_S = 240          # the whole test, server and browser start included (teardown adds < 25 s)
+REAL_NOTEBOOK_S = 110       # how long `auto` gives the real notebook to show its explorer (and compare view)
 GENERATED_NOTEBOOK_S = 75   # Run All of the generated notebook (kernel start + torch import + model)
 MOVE_S = 30                 # one slider move until the summary and the figure have followed
 VIEWPORT = {"width": 1400, "height": 1000}
@@ -231,7 +238,28 @@ def check_followed(before: dict, after: dict, direction: int) -> str:
     return f"budget {b0} -> {b1}, MACs ratio {m0} -> {m1}, summary and figure changed"
 
 
-def test_explorer_in_jupyterlab(tmp_path):
+@pytest.fixture
+def real_runs(tmp_path, monkeypatch):
+    """Small real runs where the notebooks look for them ($UVCLAB_RUNS/notebooks); the lab and its kernels
+    inherit UVCLAB_RUNS. Returns the run folders by name."""
+    if browser_unavailable():
+        return {}
+    from small_runs import make_small_runs
+    monkeypatch.setenv("UVCLAB_RUNS", str(tmp_path / "runs"))
+    return make_small_runs(tmp_path / "runs" / "notebooks")
+
+
+def check_learned(state: dict, runs: dict) -> str:
+    """The explorer shows one of the real runs: its folder name in the title, an accuracy card, no fallback."""
+    title = next(line for line in state["summary"].splitlines() if line.strip()).strip()
+    assert "(live, untrained)" not in state["summary"], f"the explorer shows its fallback: {title!r}"
+    names = {Path(p).name for p in runs.values()}
+    assert title.split(":", 1)[0] in names, f"title {title!r} names none of the runs {sorted(names)}"
+    assert number(state["summary"], "top-1 %") is not None, "no accuracy card: not a finished run"
+    return title
+
+
+def test_explorer_in_jupyterlab(tmp_path, real_runs):
     why = browser_unavailable()
     if why:
         pytest.skip(f"no browser: {why}")
@@ -289,12 +317,16 @@ def test_explorer_in_jupyterlab(tmp_path):
                     used = "generated"
                 session.log(f"notebook used: {used}")
 
+                if used == "real":
+                    session.log(f"structure view shows a learned run: {check_learned(before, real_runs)!r}")
                 session.screenshots("before")
                 after, direction = session.move_slider(before)
                 session.screenshots("after")
 
                 verdict = check_followed(before, after, direction)
                 session.log(f"OK ({used} notebook): {verdict}")
+                if used == "real":
+                    session.log(f"OK (compare view): {check_compare_view(session, real_runs, ARTIFACTS, MOVE_S)}")
             except BaseException:
                 try:
                     if page is not None:

@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +148,8 @@ def test_fashion_mnist_found_under_uvclab_data(tmp_path, monkeypatch):
 def test_real_fashion_mnist_split_sizes():
     s = load_dataset("fashion_mnist", root=data.DEBIAN_FASHION_MNIST, download=False)
     assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
+    test = data.fashion_mnist_test(data.DEBIAN_FASHION_MNIST, download=False)   # the test split alone
+    assert torch.equal(test.images, s.test.images) and torch.equal(test.labels, s.test.labels)
 
 
 def test_unknown_and_unavailable_datasets(tmp_path):
@@ -156,3 +159,76 @@ def test_unknown_and_unavailable_datasets(tmp_path):
         load_dataset("imagefolder", root=tmp_path)
     with pytest.raises(UvclabError, match="download=True"):
         load_dataset("cifar10", root=tmp_path, download=False)
+
+
+# ---- fetching Fashion-MNIST when it is missing: torchvision, then the Debian package (no network here) -----
+
+class FakeApt:
+    """Stands in for apt-get / dpkg-deb: `lists` says whether the system's apt lists know the package;
+    `registry` whether the package registry answers. Records every command."""
+
+    def __init__(self, lists=True, registry=True):
+        self.lists, self.registry, self.calls = lists, registry, []
+
+    def __call__(self, cmd, cwd):
+        import subprocess
+        self.calls.append(cmd)
+        ok = lambda: subprocess.CompletedProcess(cmd, 0, "", "")  # noqa: E731
+        fail = lambda msg: subprocess.CompletedProcess(cmd, 100, "", msg)  # noqa: E731
+        if cmd[0] == "dpkg-deb":
+            dest = Path(cmd[3]) / "usr/share/datasets/fashion-mnist"
+            dest.mkdir(parents=True)
+            fake_fashion(dest)
+            return ok()
+        private = any(c.startswith("Dir::State::Lists=") for c in cmd)
+        if cmd[-1] == "update":
+            return ok() if self.registry else fail("E: Failed to fetch http://deb.debian.org ... (offline)")
+        if (private or self.lists) and self.registry:
+            (Path(cwd) / f"{cmd[-1]}_0.1-1_all.deb").write_bytes(b"deb")
+            return ok()
+        return fail(f"E: Unable to locate package {cmd[-1]}")
+
+
+def _offline_torchvision(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", no_network)
+
+
+@pytest.mark.parametrize("lists", [True, False], ids=["apt-lists", "fresh-machine"])
+def test_fashion_mnist_fetched_from_debian_when_torchvision_fails(tmp_path, monkeypatch, lists):
+    from uvclab.engine import debian_data
+    fake = FakeApt(lists=lists)
+    _offline_torchvision(monkeypatch)
+    monkeypatch.setattr(debian_data, "_run", fake)
+    monkeypatch.setattr(debian_data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setenv("UVCLAB_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    s = load_dataset("fashion_mnist", val_fraction=0.5)
+    assert len(s.test) == 20 and (tmp_path / "data" / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").is_file()
+    assert not list((tmp_path / "data" / "fashion-mnist").glob(".*part"))
+    assert fake.calls[0] == ["apt-get", "download", "dataset-fashion-mnist"] and fake.calls[-1][0] == "dpkg-deb"
+    assert any(c[-1] == "update" for c in fake.calls) == (not lists)   # private lists only when needed
+    n = len(fake.calls)
+    load_dataset("fashion_mnist", val_fraction=0.5)                      # now found in the data folder
+    assert len(fake.calls) == n
+
+
+def test_fashion_mnist_offline_without_registry_names_the_fix(tmp_path, monkeypatch):
+    from uvclab.engine import debian_data
+    _offline_torchvision(monkeypatch)
+    monkeypatch.setattr(debian_data, "_run", FakeApt(lists=False, registry=False))
+    monkeypatch.setattr(debian_data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    with pytest.raises(UvclabError) as err:
+        load_dataset("fashion_mnist", root=tmp_path)
+    msg = str(err.value)
+    assert "torchvision's download" in msg and "name resolution" in msg and "apt-get download" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "UVCLAB_DATA" in msg
+    assert not list(tmp_path.glob("fashion-mnist/*.gz"))
+    monkeypatch.setattr(debian_data.shutil, "which", lambda tool: None)   # not Debian at all
+    with pytest.raises(UvclabError, match="not a Debian"):
+        load_dataset("fashion_mnist", root=tmp_path)

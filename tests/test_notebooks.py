@@ -42,6 +42,7 @@ TINY = {
                                 bench_batch_size=4, bench_rounds=1),
     "06_results": {},
     "07_explorer": {},
+    "08_compare_runs": dict(TINY_RUN, uvc_budgets=[0.8, 0.4], baselines=["magnitude"], gallery_size=4),
 }
 PRODUCERS = ["02_mask_learning", "03_distillation_ablations", "04_pruning_ratios"]   # write runs for 06, 07
 
@@ -157,7 +158,7 @@ def _execute(name: str, nb_runs) -> nbformat.NotebookNode:
 @pytest.mark.parametrize("name", NAMES)
 def test_runs_with_tiny_parameters(name, nb_runs, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)      # the kernel draws inline figures, as in JupyterLab
-    if name in ("06_results", "07_explorer"):
+    if name in ("06_results", "07_explorer", "08_compare_runs"):   # 08 reuses 04's UVC runs
         for producer in PRODUCERS:
             _execute(producer, nb_runs)
     nb = _execute(name, nb_runs)

@@ -18,8 +18,11 @@ from uvclab.engine.config import CompressConfig, TeacherConfig, load_config  # n
 from uvclab.engine.compress import compress  # noqa: E402
 from uvclab.engine.teacher import load_teacher, train_teacher  # noqa: E402
 from uvclab.compare.deploy import export_onnx  # noqa: E402
+from uvclab.compare.behaviour import compare_runs  # noqa: E402
+from uvclab.compare.provenance import provenance  # noqa: E402
 
 __all__ = ["UvclabError", "create_vit", "gate_vit", "explicit_attention", "Structure", "BlockStructure",
            "apply_structure", "count", "macs_table", "vit_shape", "expected_macs", "export_model",
            "save_pruned", "load_pruned", "UVCPrimalDual", "UVCSettings", "CompressConfig", "TeacherConfig",
-           "load_config", "compress", "load_teacher", "train_teacher", "export_onnx"]
+           "load_config", "compress", "load_teacher", "train_teacher", "export_onnx", "compare_runs",
+           "provenance"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import pandas as pd
 
@@ -125,3 +125,14 @@ def search_summary(run_dir: str | Path) -> dict:
             "max_z": s["z"].max() if len(s) else nan, "last_epoch_structure_macs": last(ep, "structure_macs_ratio"),
             "last_epoch_val_hard": last(ep, "val_top1_hard"),
             "best_finetune_val": ft["val_top1"].max() if len(ft) else nan}
+
+
+def find_run(config: Mapping, runs_root: str | Path) -> Optional[Path]:
+    """The first finished run folder under `runs_root` (any depth, sorted) whose config.yaml equals `config`
+    (a `CompressConfig.to_dict()`), or None: a notebook can reuse a run an earlier notebook made."""
+    import yaml
+    for rep in sorted(Path(runs_root).glob("**/report.json")):
+        cfg_path = rep.parent / "config.yaml"
+        if cfg_path.is_file() and (yaml.safe_load(cfg_path.read_text()) or {}) == dict(config):
+            return rep.parent
+    return None

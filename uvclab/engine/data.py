@@ -10,6 +10,7 @@ never used for model selection. Batches come from `make_loader`, seeded for repr
 from __future__ import annotations
 
 import gzip
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,6 +32,8 @@ DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3760,)    # over all 1797 images, pixels
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)  # over the 60k training images
 FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")  # label 0..9
 DEFAULT_VAL_FRACTION = {"digits": 0.15, "fashion_mnist": 0.1, "cifar10": 0.1, "cifar100": 0.1, "imagefolder": 0.02}
 
 
@@ -162,7 +165,9 @@ def _has_fashion(folder: Path) -> Optional[Path]:
 
 def find_fashion_mnist(root: Optional[str | Path] = None, download: bool = True) -> Path:
     """Folder with Fashion-MNIST: `root` if given, else $UVCLAB_DATA (or data/), else the Debian package's
-    folder, else torchvision's download into root (or the data folder) when `download` and online."""
+    folder. When missing and `download`: torchvision's download into root (or the data folder), and if that
+    fails (offline), the Debian package fetched without root (`apt-get download` + `dpkg-deb -x`, the same
+    files) into root/fashion-mnist (or the data folder's)."""
     candidates = [Path(root)] if root is not None else [data_dir(), DEBIAN_FASHION_MNIST]
     for folder in candidates:
         found = _has_fashion(folder)
@@ -172,31 +177,46 @@ def find_fashion_mnist(root: Optional[str | Path] = None, download: bool = True)
     fix = ("Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, files in "
            f"{DEBIAN_FASHION_MNIST}), or put the four *-ubyte.gz files in a folder and pass root=FOLDER "
            "(--set data_root=FOLDER) or set UVCLAB_DATA=FOLDER (files in FOLDER/fashion-mnist), "
-           "or go online and let torchvision download it (download=True).")
+           "or go online (or reach a Debian package mirror) and let uvclab download it (download=True).")
+    where = f"Fashion-MNIST not found in {[str(c) for c in candidates]}"
     if not download:
-        raise UvclabError(f"Fashion-MNIST not found in {[str(c) for c in candidates]}. {fix}")
+        raise UvclabError(f"{where}. {fix}")
     try:
         import torchvision
         for train in (True, False):
             torchvision.datasets.FashionMNIST(str(target), train=train, download=True)
+        return _has_fashion(target) or target
     except Exception as e:  # offline: URLError, timeouts, partial files
-        raise UvclabError(f"Fashion-MNIST not found in {[str(c) for c in candidates]} and the download into "
-                          f"'{target}' failed ({e}). {fix}") from e
-    return _has_fashion(target) or target
+        tv_error = f"torchvision's download into '{target}' failed ({str(e).splitlines()[0][:200]})"
+    from uvclab.engine.debian_data import FASHION_MEMBER, FASHION_PACKAGE, fetch_deb_files
+    names = [f for pair in FASHION_FILES.values() for f in pair]
+    try:
+        return fetch_deb_files(FASHION_PACKAGE, FASHION_MEMBER, target / "fashion-mnist", names)
+    except (UvclabError, OSError, subprocess.SubprocessError) as e:
+        raise UvclabError(f"{where}; {tv_error}; fetching the Debian package failed too ({e}). {fix}") from e
+
+
+def _fashion_arrays(folder: Path, split: str, img_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    img_file, lbl_file = FASHION_FILES[split]
+    x = torch.from_numpy(read_idx(folder / img_file).copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
+    return resize_images(x, img_size), torch.from_numpy(read_idx(folder / lbl_file).astype(np.int64))
 
 
 def load_fashion_mnist(root=None, split_seed: int = 0, val_fraction: Optional[float] = None,
                        img_size: Optional[int] = None, augment: bool = True, download: bool = True) -> Splits:
     """Fashion-MNIST 28x28: val carved from the 60k training images, test = the official 10k."""
     folder = find_fashion_mnist(root, download)
-    arrays = {}
-    for split, (img_file, lbl_file) in FASHION_FILES.items():
-        x = torch.from_numpy(read_idx(folder / img_file).copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
-        arrays[split] = (resize_images(x, img_size), torch.from_numpy(read_idx(folder / lbl_file).astype(np.int64)))
-    (tx, ty), (sx, sy) = arrays["train"], arrays["test"]
+    (tx, ty), (sx, sy) = (_fashion_arrays(folder, split, img_size) for split in ("train", "test"))
     return _in_memory_splits("fashion_mnist", tx, ty, sx, sy, val_fraction or DEFAULT_VAL_FRACTION["fashion_mnist"],
                              split_seed, FASHION_MEAN, FASHION_STD, crop_padding=2, hflip=True, augment=augment,
                              num_classes=10)
+
+
+def fashion_mnist_test(root=None, img_size: Optional[int] = None, download: bool = True) -> TensorImages:
+    """Only the official 10k Fashion-MNIST test images (the same items as `load_fashion_mnist(...).test`),
+    without reading the 60k training images."""
+    return TensorImages(*_fashion_arrays(find_fashion_mnist(root, download), "test", img_size), FASHION_MEAN,
+                        FASHION_STD)
 
 
 # ---- torchvision datasets (CIFAR, ImageFolder) -----------------------------------------------------------

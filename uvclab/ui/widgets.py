@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 
 import ipywidgets as W
@@ -104,11 +103,11 @@ def render_uniform(model, macs_ratio: float) -> tuple[str, Figure]:
     return render_structure(st, numbers, f"uniform structure at budget {macs_ratio:.2f} (live, untrained)")
 
 
-def _png_output(fig: Figure) -> dict:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)
+def _png_output(fig: Figure, text: str = "<mask figure>") -> dict:
+    """A display_data output of the figure as a 256-colour PNG (saved notebooks keep widget state: small)."""
+    from uvclab.ui.viz import compact_png
     return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": "<mask figure>"}}
+            "data": {"image/png": base64.b64encode(compact_png(fig)).decode(), "text/plain": text}}
 
 
 def _families(runs, root: Path) -> dict[str, list[tuple[str, str]]]:
