@@ -30,10 +30,48 @@ def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def restart_count() -> int:
+    """How often torchrun has restarted the workers (`--max-restarts`); 0 on the first start."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def init_distributed(device: str) -> None:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    """Join the torchrun process group when launched with WORLD_SIZE > 1.
+
+    Under torchrun the workers share the agent's key-value store, and with the static rendezvous (the default,
+    `--master-port`) that store outlives a restart while the keys gloo pairs ranks with carry no attempt
+    number: a restarted rank that reaches the pairing before its peer reads the dead worker's address
+    ('Gloo connectFullMesh failed ... Connection refused') or waits on it. So every attempt pairs under its
+    own key prefix."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=dist.constants.default_pg_timeout)
+    store = dist.PrefixStore(f"uvclab/attempt{restart_count()}/", agent_store)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def from_rank0(obj):
+    """rank 0's `obj` on every rank (itself outside torchrun): decisions one rank takes for all."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def same_on_all_ranks(obj) -> bool:
+    """Whether every rank holds an equal (picklable) `obj`; True outside torchrun."""
+    if world() == 1:
+        return True
+    objs = [None] * world()
+    dist.all_gather_object(objs, obj)
+    return all(o == objs[0] for o in objs)
 
 
 def set_seed(seed: int) -> None:
