@@ -5,7 +5,8 @@ Structure -> export -> validation before fine-tuning -> fine-tune with distillat
 validation) -> report. The run folder holds config.yaml, metrics.jsonl, structure.json, uvc_state.json
 (UVC), model/ (safetensors + uvclab.json), report.json and checkpoint.pt (atomic, every epoch; `resume=True`
 continues and ends with the same result). A non-finite loss stops the run with the last good checkpoint
-kept. Works data-parallel under torchrun (gloo on CPU, nccl on GPU).
+kept. Works data-parallel under torchrun (gloo on CPU, nccl on GPU); a torchrun restart (`--max-restarts`)
+continues from the last checkpoint by itself (`runfiles.open_run_folder`).
 """
 from __future__ import annotations
 
