@@ -160,3 +160,26 @@ def test_cli_resume_flag(tmp_path, capsys):
     assert code == 2 and "holds no run to continue" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: invalid choice
         main(["compress", "--out", str(tmp_path / "x"), "--resume", "later"])
+
+
+def test_a_restart_continues_only_a_run_this_job_opened(tmp_path, monkeypatch):
+    """A first start refused (interrupted run, no --resume) stays refused when torchrun restarts it; once an
+    attempt of the job has opened the folder, a restart continues it. The job is the agent's store."""
+    from uvclab.engine import loop
+    agent = torch.distributed.TCPStore("localhost", 0, is_master=True)
+    for k, v in {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "localhost",
+                 "MASTER_PORT": str(agent.port), "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(loop, "_job_store", [])
+    cfg, out = quick_cfg(), tmp_path / "run"
+    save_checkpoint(out / "checkpoint.pt", {"stage": "search", "epoch": 2})
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        with pytest.raises(UvclabError, match="holds an interrupted run"):
+            open_run_folder(cfg, out)
+    assert open_run_folder(cfg, out, resume=True)["epoch"] == 2  # the user continues it (attempt 1 here)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert open_run_folder(cfg, out)["epoch"] == 2  # the next restart continues by itself
+    with pytest.raises(UvclabError, match="holds an interrupted run"):  # another folder: not this job's
+        save_checkpoint(tmp_path / "other/checkpoint.pt", {"stage": "search", "epoch": 1})
+        open_run_folder(cfg, tmp_path / "other")

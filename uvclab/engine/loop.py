@@ -35,25 +35,35 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+_job_store = []
+
+
+def job_store() -> Optional[dist.Store]:
+    """The torchrun agent's key-value store: it lives as long as the torchrun job, across restarts (None when
+    not launched by torchrun, or when torchrun does not share its store)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if not _job_store:
+        _job_store.append(dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                        is_master=False, timeout=dist.constants.default_pg_timeout))
+    return _job_store[0]
+
+
 def init_distributed(device: str) -> None:
     """Join the torchrun process group when launched with WORLD_SIZE > 1.
 
-    Under torchrun the workers share the agent's key-value store, and with the static rendezvous (the default,
-    `--master-port`) that store outlives a restart while the keys gloo pairs ranks with carry no attempt
-    number: a restarted rank that reaches the pairing before its peer reads the dead worker's address
-    ('Gloo connectFullMesh failed ... Connection refused') or waits on it. So every attempt pairs under its
-    own key prefix."""
+    The agent's store outlives a restart (with the static rendezvous, torchrun's default, one store serves
+    the whole job) while the keys gloo pairs ranks with carry no attempt number: a restarted rank that
+    reaches the pairing before its peer reads the dead worker's address ('Gloo connectFullMesh failed ...
+    Connection refused') or waits on it. So every attempt pairs under its own key prefix."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if job_store() is None:
         dist.init_process_group(backend)
         return
-    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                timeout=dist.constants.default_pg_timeout)
-    store = dist.PrefixStore(f"uvclab/attempt{restart_count()}/", agent_store)
-    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"uvclab/attempt{restart_count()}/", job_store()),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def from_rank0(obj):

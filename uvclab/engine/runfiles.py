@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 
 from uvclab.engine.config import CompressConfig, read_yaml
-from uvclab.engine.loop import from_rank0, rank, restart_count, same_on_all_ranks
+from uvclab.engine.loop import from_rank0, job_store, rank, restart_count, same_on_all_ranks
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write
 
@@ -62,13 +62,26 @@ def nonfinite_stop(stage: str, epoch: int, ckpt: Path):
 RESUME_MODES = ("no", "yes", "auto")
 
 
-def resume_mode(resume: Union[bool, str]) -> str:
+def resume_mode(resume: Union[bool, str], out: Path) -> str:
     """False/'no': refuse a folder that holds a run; True/'yes': continue the interrupted run in it (there must
-    be one); 'auto': continue if there is something to continue, else start. A torchrun restart is 'auto'."""
+    be one); 'auto': continue if there is something to continue, else start. A torchrun restart of a job
+    that had opened `out` is 'auto' (a first start that was refused stays refused after the restart)."""
     mode = {False: "no", True: "yes"}.get(resume, resume)
     if mode not in RESUME_MODES:
         raise UvclabError(f"resume={resume!r}; use one of {RESUME_MODES} (or True / False).")
-    return "auto" if restart_count() > 0 else mode
+    return "auto" if restart_count() > 0 and _opened_by_this_job(out) else mode
+
+
+def _opened_by_this_job(out: Path, mark: bool = False) -> bool:
+    """Whether an earlier attempt of this torchrun job opened `out` (kept in the agent's store; without one,
+    any restart counts); `mark=True` records it."""
+    store, key = job_store(), "uvclab/run_folder"
+    if store is None:
+        return True
+    if mark:
+        store.set(key, str(out.resolve()))
+        return True
+    return store.check([key]) and store.get(key).decode() == str(out.resolve())
 
 
 def _plan(cfg: CompressConfig, out: Path, mode: str) -> dict:
@@ -95,11 +108,11 @@ def _plan(cfg: CompressConfig, out: Path, mode: str) -> dict:
 def open_run_folder(cfg: CompressConfig, out: Path, resume: Union[bool, str] = False) -> Optional[dict]:
     """Refuse to overwrite a run, or return the checkpoint to continue from (None: start). Collective under
     torchrun: every rank gets rank 0's decision and the same checkpoint, or the same error."""
-    mode = resume_mode(resume)
     plan = None
     if rank() == 0:
         try:
-            plan = _plan(cfg, out, mode)
+            plan = _plan(cfg, out, resume_mode(resume, out))
+            _opened_by_this_job(out, mark=True)
         except (UvclabError, OSError) as e:
             plan = {"error": e}
     plan = from_rank0(plan)
