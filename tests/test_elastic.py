@@ -183,3 +183,21 @@ def test_a_restart_continues_only_a_run_this_job_opened(tmp_path, monkeypatch):
     with pytest.raises(UvclabError, match="holds an interrupted run"):  # another folder: not this job's
         save_checkpoint(tmp_path / "other/checkpoint.pt", {"stage": "search", "epoch": 1})
         open_run_folder(cfg, tmp_path / "other")
+
+
+def test_restarted_ranks_pair_under_a_fresh_prefix_even_when_one_is_late():
+    """A restarted rank 1 that asks before rank 0 has started finds the dead attempt's token: it is never
+    answered, so rank 1 waits for the new one and both pair under the same new prefix."""
+    import threading
+    from uvclab.engine.loop import _attempt_prefix
+    store = torch.distributed.TCPStore("localhost", 0, is_master=True)
+    store.set("uvclab/attempt", "dead")  # left by the previous attempt's rank 0, with its whole handshake
+    store.set("uvclab/dead/ack1", "old-rank-1")
+    store.set("uvclab/dead/go/old-rank-1", "1")
+    got, client = {}, torch.distributed.TCPStore("localhost", store.port, is_master=False)  # one per rank
+    late = threading.Thread(target=lambda: got.update(r1=_attempt_prefix(client, 1, 2)))
+    late.start()
+    time.sleep(0.3)  # rank 1 is polling the stale token
+    got["r0"] = _attempt_prefix(store, 0, 2)
+    late.join(10)
+    assert got["r0"] == got["r1"] != "uvclab/dead/"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
+import uuid
 from typing import Callable, Optional
 
 import torch
@@ -50,20 +52,42 @@ def job_store() -> Optional[dist.Store]:
 
 
 def init_distributed(device: str) -> None:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1.
-
-    The agent's store outlives a restart (with the static rendezvous, torchrun's default, one store serves
-    the whole job) while the keys gloo pairs ranks with carry no attempt number: a restarted rank that
-    reaches the pairing before its peer reads the dead worker's address ('Gloo connectFullMesh failed ...
-    Connection refused') or waits on it. So every attempt pairs under its own key prefix."""
+    """Join the torchrun process group when launched with WORLD_SIZE > 1, under a key prefix of its own."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if job_store() is None:
         dist.init_process_group(backend)
         return
-    dist.init_process_group(backend, store=dist.PrefixStore(f"uvclab/attempt{restart_count()}/", job_store()),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    rank_, world_ = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.PrefixStore(_attempt_prefix(job_store(), rank_, world_), job_store())
+    dist.init_process_group(backend, store=store, rank=rank_, world_size=world_)
+
+
+def _attempt_prefix(store: dist.Store, rank_: int, world_: int) -> str:
+    """A key prefix new for this start of the workers and the same on every rank.
+
+    torchrun's agent store outlives a restart (one store serves the whole job, static and c10d rendezvous)
+    while the keys gloo pairs ranks with carry no attempt number: a restarted rank that reaches the pairing
+    before its peer reads the dead worker's address ('Gloo connectFullMesh failed ... Connection refused')
+    or waits on it. TORCHELASTIC_RESTART_COUNT cannot name the attempt (each machine's agent counts its own),
+    so rank 0 draws a token and every other rank takes it once rank 0 has answered its own fresh token
+    (a token left by an earlier attempt's rank 0 is never answered)."""
+    me = uuid.uuid4().hex
+    if rank_ == 0:
+        store.set("uvclab/attempt", me)
+        for r in range(1, world_):
+            store.wait([f"uvclab/{me}/ack{r}"])
+            store.set(f"uvclab/{me}/go/{store.get(f'uvclab/{me}/ack{r}').decode()}", "1")
+        return f"uvclab/{me}/"
+    deadline = time.monotonic() + dist.constants.default_pg_timeout.total_seconds()
+    while time.monotonic() < deadline:
+        token = store.get("uvclab/attempt").decode()
+        store.set(f"uvclab/{token}/ack{rank_}", me)
+        if store.check([f"uvclab/{token}/go/{me}"]):
+            return f"uvclab/{token}/"
+        time.sleep(0.05)
+    raise RuntimeError("rank 0 did not start within the process-group timeout")
 
 
 def from_rank0(obj):

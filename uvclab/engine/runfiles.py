@@ -65,19 +65,19 @@ RESUME_MODES = ("no", "yes", "auto")
 def resume_mode(resume: Union[bool, str], out: Path) -> str:
     """False/'no': refuse a folder that holds a run; True/'yes': continue the interrupted run in it (there must
     be one); 'auto': continue if there is something to continue, else start. A torchrun restart of a job
-    that had opened `out` is 'auto' (a first start that was refused stays refused after the restart)."""
+    that had opened `out` is 'auto' (a first start that was refused stays refused after a restart)."""
     mode = {False: "no", True: "yes"}.get(resume, resume)
     if mode not in RESUME_MODES:
         raise UvclabError(f"resume={resume!r}; use one of {RESUME_MODES} (or True / False).")
-    return "auto" if restart_count() > 0 and _opened_by_this_job(out) else mode
+    return "auto" if _opened_by_this_job(out) else mode
 
 
 def _opened_by_this_job(out: Path, mark: bool = False) -> bool:
-    """Whether an earlier attempt of this torchrun job opened `out` (kept in the agent's store; without one,
-    any restart counts); `mark=True` records it."""
+    """Whether an earlier start of this torchrun job's workers opened `out` (kept in the agent's store, which
+    lives as long as the job; without one, any restart counts); `mark=True` records it."""
     store, key = job_store(), "uvclab/run_folder"
     if store is None:
-        return True
+        return restart_count() > 0
     if mark:
         store.set(key, str(out.resolve()))
         return True
