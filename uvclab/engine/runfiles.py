@@ -85,7 +85,7 @@ def _opened_by_this_job(out: Path, mark: bool = False) -> bool:
 
 
 def _plan(cfg: CompressConfig, out: Path, mode: str) -> dict:
-    """Rank 0: check the folder, write config.yaml; returns the checkpoint's digest to resume from (or None)."""
+    """Rank 0: check the folder, write config.yaml; says whether to continue from its checkpoint."""
     ckpt, finished = out / "checkpoint.pt", (out / "report.json").exists()
     if finished and (mode == "no" or not ckpt.exists()):
         raise UvclabError(f"'{out}' already holds a finished run; choose another --out folder.")
@@ -102,7 +102,7 @@ def _plan(cfg: CompressConfig, out: Path, mode: str) -> dict:
     for tmp in out.glob(".*.tmp"):  # left by a worker killed mid-write (io_utils.atomic_write)
         tmp.unlink()
     cfg.save(out / "config.yaml")
-    return {"checkpoint": hashlib.sha256(ckpt.read_bytes()).hexdigest() if ckpt.exists() else None}
+    return {"resume": ckpt.exists()}
 
 
 def open_run_folder(cfg: CompressConfig, out: Path, resume: Union[bool, str] = False) -> Optional[dict]:
@@ -118,7 +118,7 @@ def open_run_folder(cfg: CompressConfig, out: Path, resume: Union[bool, str] = F
     plan = from_rank0(plan)
     if "error" in plan:
         raise plan["error"] if isinstance(plan["error"], UvclabError) else UvclabError(str(plan["error"]))
-    if plan["checkpoint"] is None:
+    if not plan["resume"]:
         return None
     data = (out / "checkpoint.pt").read_bytes() if (out / "checkpoint.pt").exists() else b""
     if not same_on_all_ranks(hashlib.sha256(data).hexdigest()):
