@@ -11,6 +11,7 @@ import uvclab
 from uvclab.engine import compress as train
 from uvclab.engine import search as search_stage
 from uvclab.engine.loop import evaluate
+from uvclab.engine.runfiles import load_checkpoint
 from uvclab.ui.cli import main
 from uvclab.engine.config import load_config
 from uvclab.errors import UvclabError
@@ -104,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(search_stage, "distillation_loss", nan_later)
     with pytest.raises(UvclabError, match="Non-finite loss"):
         train.compress(cfg, tmp_path / "run")
-    ckpt = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["stage"] == "search" and ckpt["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 

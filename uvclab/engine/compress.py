@@ -5,7 +5,8 @@ Structure -> export -> validation before fine-tuning -> fine-tune with distillat
 validation) -> report. The run folder holds config.yaml, metrics.jsonl, structure.json, uvc_state.json
 (UVC), model/ (safetensors + uvclab.json), report.json and checkpoint.pt (atomic, every epoch; `resume=True`
 continues and ends with the same result). A non-finite loss stops the run with the last good checkpoint
-kept. Works data-parallel under torchrun (gloo on CPU, nccl on GPU).
+kept. Works data-parallel under torchrun (gloo on CPU, nccl on GPU); a torchrun restart (`--max-restarts`)
+continues from the last checkpoint by itself (`runfiles.open_run_folder`).
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from typing import Optional
 import torch
 
 from uvclab import __version__
-from uvclab.engine.config import CompressConfig, read_yaml
+from uvclab.engine.config import CompressConfig
 from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs_for_data
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, rank, seeded_loader, set_seed,
                                 steps_per_epoch, train_one_epoch, world)
-from uvclab.engine.runfiles import MetricsLog, load_checkpoint, nonfinite_stop, save_checkpoint
+from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, open_run_folder, save_checkpoint
 from uvclab.engine.search import kd_loss_fn, search
 from uvclab.engine.strategies import one_shot_structure
 from uvclab.engine.teacher import load_teacher
@@ -136,26 +137,6 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
 
 # ---- the whole job -----------------------------------------------------------------------------------
 
-def _open_run_folder(cfg: CompressConfig, out: Path, resume: bool) -> Optional[dict]:
-    """Refuse to overwrite a run; with resume, check the config matches and return the checkpoint."""
-    ckpt_path = out / "checkpoint.pt"
-    if (out / "report.json").exists() and not resume:
-        raise UvclabError(f"'{out}' already holds a finished run; choose another --out folder.")
-    if ckpt_path.exists() and not resume:
-        raise UvclabError(f"'{out}' holds an interrupted run; continue it with --resume or choose another --out.")
-    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
-    if ckpt is not None and cfg.model is not None:
-        _check_t2t_stem(cfg, ckpt.get("model") or {}, out)
-    if resume and (out / "config.yaml").exists():
-        if CompressConfig.from_dict(read_yaml(out / "config.yaml")).to_dict() != cfg.to_dict():
-            raise UvclabError(f"--resume with a different config than the one saved in '{out}/config.yaml'; "
-                              "resume with the same settings, or start a new --out folder.")
-    if rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
-    return ckpt
-
-
 def _check_t2t_stem(cfg: CompressConfig, state: dict, out: Path) -> None:
     """Runs made before uvclab had the Performer stem name t2t_vit_N for the Transformer stem; say how to resume."""
     have, want = stem_of_state_dict(state), stem_for(cfg.model, cfg.model_kwargs)
@@ -166,13 +147,16 @@ def _check_t2t_stem(cfg: CompressConfig, state: dict, out: Path) -> None:
                           f"with --set model_kwargs.tokens_type={have}.")
 
 
-def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict:
-    """Run one method end to end; returns the report (also written to out/report.json)."""
+def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -> dict:
+    """Run one method end to end; returns the report (also written to out/report.json).
+    resume: False, True or 'auto' (see `runfiles.resume_mode`); a torchrun restart continues by itself."""
     out = Path(out)
     init_distributed(cfg.device)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UvclabError("device='cuda' but no GPU is visible; use --set device=cpu.")
-    ckpt = _open_run_folder(cfg, out, resume)
+    ckpt = open_run_folder(cfg, out, resume)
+    if ckpt is not None and cfg.model is not None:
+        _check_t2t_stem(cfg, ckpt.get("model") or {}, out)
     if ckpt is not None and ckpt.get("stage") == "done" and (out / "report.json").exists():
         return json.loads((out / "report.json").read_text())
     if cfg.threads is not None:
@@ -187,12 +171,13 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
     teacher_top1 = evaluate(teacher, splits.test)
     dense = count(model)
 
-    agree = None  # checked right after the search (not re-checked when resuming in stage 2)
+    agree = None  # checked right after the search (kept in uvc_state.json for a resume in stage 2)
     search_end_R = None  # UVC: the expected MACs ratio where the search ended, before the final fit
     if ckpt is not None and ckpt["stage"] == "finetune":
         structure = Structure.load(out / "structure.json")
         if (out / "uvc_state.json").exists():
-            search_end_R = json.loads((out / "uvc_state.json").read_text()).get("expected_macs_ratio_end")
+            saved = json.loads((out / "uvc_state.json").read_text())
+            search_end_R, agree = saved.get("expected_macs_ratio_end"), saved.get("ranks_agree")
     elif cfg.method == "uvc":
         uvc = search(cfg, model, teacher, splits, out, log, ckpt)
         structure = select_structure(uvc, cfg.budget_slack, cfg.layout)
@@ -203,7 +188,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
         if rank() == 0:
             atomic_write_text(out / "uvc_state.json", json.dumps(
                 {**{k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)},
-                 "expected_macs_ratio_end": search_end_R}))
+                 "expected_macs_ratio_end": search_end_R, "ranks_agree": agree}))
     else:
         structure = one_shot_structure(cfg, model, teacher, splits)
     if ckpt is None or ckpt["stage"] != "finetune":

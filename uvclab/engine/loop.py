@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
+import uuid
 from typing import Callable, Optional
 
 import torch
@@ -30,10 +32,80 @@ def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def restart_count() -> int:
+    """How often torchrun has restarted the workers (`--max-restarts`); 0 on the first start."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+_job_store = []
+
+
+def job_store() -> Optional[dist.Store]:
+    """The torchrun agent's key-value store: it lives as long as the torchrun job, across restarts (None when
+    not launched by torchrun, or when torchrun does not share its store)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if not _job_store:
+        _job_store.append(dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                        is_master=False, timeout=dist.constants.default_pg_timeout))
+    return _job_store[0]
+
+
 def init_distributed(device: str) -> None:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    """Join the torchrun process group when launched with WORLD_SIZE > 1, under a key prefix of its own."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if job_store() is None:
+        dist.init_process_group(backend)
+        return
+    rank_, world_ = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.PrefixStore(_attempt_prefix(job_store(), rank_, world_), job_store())
+    dist.init_process_group(backend, store=store, rank=rank_, world_size=world_)
+
+
+def _attempt_prefix(store: dist.Store, rank_: int, world_: int) -> str:
+    """A key prefix new for this start of the workers and the same on every rank.
+
+    torchrun's agent store outlives a restart (one store serves the whole job, static and c10d rendezvous)
+    while the keys gloo pairs ranks with carry no attempt number: a restarted rank that reaches the pairing
+    before its peer reads the dead worker's address ('Gloo connectFullMesh failed ... Connection refused')
+    or waits on it. TORCHELASTIC_RESTART_COUNT cannot name the attempt (each machine's agent counts its own),
+    so rank 0 draws a token and every other rank takes it once rank 0 has answered its own fresh token
+    (a token left by an earlier attempt's rank 0 is never answered)."""
+    me = uuid.uuid4().hex
+    if rank_ == 0:
+        store.set("uvclab/attempt", me)
+        for r in range(1, world_):
+            store.wait([f"uvclab/{me}/ack{r}"])
+            store.set(f"uvclab/{me}/go/{store.get(f'uvclab/{me}/ack{r}').decode()}", "1")
+        return f"uvclab/{me}/"
+    deadline = time.monotonic() + dist.constants.default_pg_timeout.total_seconds()
+    while time.monotonic() < deadline:
+        token = store.get("uvclab/attempt").decode()
+        store.set(f"uvclab/{token}/ack{rank_}", me)
+        if store.check([f"uvclab/{token}/go/{me}"]):
+            return f"uvclab/{token}/"
+        time.sleep(0.05)
+    raise RuntimeError("rank 0 did not start within the process-group timeout")
+
+
+def from_rank0(obj):
+    """rank 0's `obj` on every rank (itself outside torchrun): decisions one rank takes for all."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def same_on_all_ranks(obj) -> bool:
+    """Whether every rank holds an equal (picklable) `obj`; True outside torchrun."""
+    if world() == 1:
+        return True
+    objs = [None] * world()
+    dist.all_gather_object(objs, obj)
+    return all(o == objs[0] for o in objs)
 
 
 def set_seed(seed: int) -> None:

@@ -1,16 +1,23 @@
-"""The files of a run folder that change while it runs: the atomic checkpoint and the metrics log.
+"""The run folder: opening it (new run, resume, torchrun restart), the atomic checkpoint, the metrics log.
 
 `checkpoint.pt` is written atomically (rank 0) after every epoch and read with `weights_only=True`, so a
 killed run resumes and a corrupt file is a clear error; `metrics.jsonl` gets one JSON record per step/epoch.
+Under torchrun rank 0 alone decides what to do with the folder and writes it; every rank then reads the
+checkpoint and checks that all read the same bytes (the folder must be shared between nodes).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import sys
 from pathlib import Path
+from typing import Optional, Union
 
 import torch
 
-from uvclab.engine.loop import rank
+from uvclab.engine.config import CompressConfig, read_yaml
+from uvclab.engine.loop import from_rank0, job_store, rank, restart_count, same_on_all_ranks
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write
 
@@ -34,9 +41,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, data: Optional[bytes] = None) -> dict:
+    """The checkpoint at `path` (or its bytes `data`, already read) on the CPU."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UvclabError(f"Cannot read checkpoint '{path}' ({e}); it is corrupt. Start a fresh run "
                           "(without --resume) in a new --out folder.") from e
@@ -49,3 +57,75 @@ def nonfinite_stop(stage: str, epoch: int, ckpt: Path):
                           f"state is kept in '{ckpt}'. Lower the learning rate (--set lr=... / finetune_lr=...) "
                           "and continue with --resume.")
     return stop
+
+
+RESUME_MODES = ("no", "yes", "auto")
+
+
+def resume_mode(resume: Union[bool, str], out: Path) -> str:
+    """False/'no': refuse a folder that holds a run; True/'yes': continue the interrupted run in it (there must
+    be one); 'auto': continue if there is something to continue, else start. A torchrun restart of a job
+    that had opened `out` is 'auto' (a first start that was refused stays refused after a restart)."""
+    mode = {False: "no", True: "yes"}.get(resume, resume)
+    if mode not in RESUME_MODES:
+        raise UvclabError(f"resume={resume!r}; use one of {RESUME_MODES} (or True / False).")
+    return "auto" if _opened_by_this_job(out) else mode
+
+
+def _opened_by_this_job(out: Path, mark: bool = False) -> bool:
+    """Whether an earlier start of this torchrun job's workers opened `out` (kept in the agent's store, which
+    lives as long as the job; without one, any restart counts); `mark=True` records it."""
+    store, key = job_store(), "uvclab/run_folder"
+    if store is None:
+        return restart_count() > 0
+    if mark:
+        store.set(key, str(out.resolve()))
+        return True
+    return store.check([key]) and store.get(key).decode() == str(out.resolve())
+
+
+def _plan(cfg: CompressConfig, out: Path, mode: str) -> dict:
+    """Rank 0: check the folder, write config.yaml; says whether to continue from its checkpoint."""
+    ckpt, finished = out / "checkpoint.pt", (out / "report.json").exists()
+    if finished and (mode == "no" or not ckpt.exists()):
+        raise UvclabError(f"'{out}' already holds a finished run; choose another --out folder.")
+    if ckpt.exists() and mode == "no":
+        raise UvclabError(f"'{out}' holds an interrupted run; continue it with --resume or choose another --out.")
+    if not ckpt.exists() and mode == "yes":
+        raise UvclabError(f"--resume, but '{out}' holds no run to continue; drop --resume to start one, or use "
+                          "--resume auto (continue if there is something to continue).")
+    if ckpt.exists() and (out / "config.yaml").exists():
+        if CompressConfig.from_dict(read_yaml(out / "config.yaml")).to_dict() != cfg.to_dict():
+            raise UvclabError(f"--resume with a different config than the one saved in '{out}/config.yaml'; "
+                              "resume with the same settings, or start a new --out folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".*.tmp"):  # left by a worker killed mid-write (io_utils.atomic_write)
+        tmp.unlink()
+    cfg.save(out / "config.yaml")
+    return {"resume": ckpt.exists()}
+
+
+def open_run_folder(cfg: CompressConfig, out: Path, resume: Union[bool, str] = False) -> Optional[dict]:
+    """Refuse to overwrite a run, or return the checkpoint to continue from (None: start). Collective under
+    torchrun: every rank gets rank 0's decision and the same checkpoint, or the same error."""
+    plan = None
+    if rank() == 0:
+        try:
+            plan = _plan(cfg, out, resume_mode(resume, out))
+            _opened_by_this_job(out, mark=True)
+        except (UvclabError, OSError) as e:
+            plan = {"error": e}
+    plan = from_rank0(plan)
+    if "error" in plan:
+        raise plan["error"] if isinstance(plan["error"], UvclabError) else UvclabError(str(plan["error"]))
+    if not plan["resume"]:
+        return None
+    data = (out / "checkpoint.pt").read_bytes() if (out / "checkpoint.pt").exists() else b""
+    if not same_on_all_ranks(hashlib.sha256(data).hexdigest()):
+        raise UvclabError(f"The ranks read different files at '{out}/checkpoint.pt'; under torchrun on several "
+                          "machines --out must be one shared folder (the same path on every node).")
+    ckpt = load_checkpoint(out / "checkpoint.pt", data)
+    if restart_count() > 0 and rank() == 0:
+        print(f"uvclab: torchrun restart {restart_count()}: continuing from '{out}/checkpoint.pt' "
+              f"({ckpt['stage']}, epoch {ckpt.get('epoch', '-')})", file=sys.stderr, flush=True)
+    return ckpt

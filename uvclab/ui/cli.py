@@ -3,7 +3,7 @@
   uvclab macs MODEL [--img-size N] [--num-classes K] [--structure FILE] [--layout L] [--json]
   uvclab bench MODEL [--macs-ratio R | --structure FILE] [--batch-size B] [--runtime onnxruntime] [--json]
   uvclab export-onnx RUN_DIR [--out FILE] [--dynamic-batch | --batch-size B] [--opset N] [--json]
-  uvclab compress [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume]
+  uvclab compress [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume [auto]]
   uvclab teacher [CONFIG.yaml] --model NAME --dataset NAME [--set key=value ...] --out STEM
 Every `--set` / `--model-arg` goes through the one parser (`uvclab.engine.config.parse_overrides`).
 User mistakes (UvclabError) print one clear message, no traceback, exit code 2.
@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set macs_ratio=0.3 --set method=magnitude "
                         "--set uvc.glr=0.05 (repeatable)")
     q.add_argument("--out", help="run folder (default: runs/<dataset>-<method>-<macs_ratio>-seed<seed>)")
-    q.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    q.add_argument("--resume", nargs="?", const="yes", default="no", choices=["yes", "auto"],
+                   help="continue the interrupted run in --out; `--resume auto`: continue if there is one, else "
+                        "start (under torchrun a restart continues by itself)")
     q.set_defaults(func=cmd_compress)
     q = sub.add_parser("teacher", help="train a ViT teacher from scratch", add_help=False)
     q.set_defaults(func=None)
