@@ -137,15 +137,18 @@ def _raw_moves(f: _Fitter, shrink: bool):
                 h = min(b.heads, key=lambda i: f.hs[l, i].item())
                 yield f.hs[l, h].item(), l, f._with(l, heads=[i for i in b.heads if i != h])
             if len(b.mlp) > f.chunk:
-                drop = set(sorted(b.mlp, key=lambda i: f.ns[l, i].item())[:f.chunk])
-                yield sum(f.ns[l, i].item() for i in drop), l, f._with(l, mlp=[i for i in b.mlp if i not in drop])
+                kept = torch.tensor(b.mlp)
+                drop = kept[f.ns[l, kept].sort(stable=True).indices[:f.chunk]]   # the chunk of lowest scores
+                gone = set(drop.tolist())
+                yield sum(f.ns[l, i].item() for i in gone), l, f._with(l, mlp=[i for i in b.mlp if i not in gone])
         else:
             back_h = [i for i in range(f.shape.num_heads) if i not in set(b.heads)]
             if back_h:
                 h = max(back_h, key=lambda i: f.hs[l, i].item())
                 yield f.hs[l, h].item(), l, f._with(l, heads=sorted(b.heads + [h]))
-            kept_n = set(b.mlp)
-            back_n = sorted((i for i in range(f.shape.mlp_hidden) if i not in kept_n),
-                            key=lambda i: -f.ns[l, i].item())[:f.chunk]
+            out = torch.ones(f.shape.mlp_hidden, dtype=torch.bool)
+            out[b.mlp] = False
+            idx = out.nonzero().flatten()
+            back_n = idx[f.ns[l, idx].sort(descending=True, stable=True).indices[:f.chunk]].tolist()
             if back_n:
                 yield sum(f.ns[l, i].item() for i in back_n), l, f._with(l, mlp=sorted(b.mlp + back_n))

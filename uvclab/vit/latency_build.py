@@ -54,11 +54,13 @@ def _widths(full: int, points: int) -> list[int]:
     return ws if len(ws) > 1 else [ws[0], ws[0] + 1]
 
 
-def table_grid(model: nn.Module, width_points: int = 8, mlp_points: int = 16) -> dict:
+def table_grid(model: nn.Module, width_points: int = 8, mlp_points: int = 16, qk_points: int = 4) -> dict:
+    """Heads 1..H; v widths in `width_points` even steps (8: every multiple of Dh/8, as `dims_multiple`);
+    q/k widths coarser (they change only with tie_qk or the fused layout); MLP widths in `mlp_points` steps."""
     s = vit_shape(model)
     heads = list(range(1, s.num_heads + 1)) if s.num_heads > 1 else [1, 2]
     mlp = sorted(set(_widths(s.mlp_hidden, mlp_points)) | {max(1, s.mlp_hidden // 64)})
-    return {"heads": heads, "qk_widths": _widths(s.head_dim, width_points), "v_widths": _widths(s.head_dim, width_points),
+    return {"heads": heads, "qk_widths": _widths(s.head_dim, qk_points), "v_widths": _widths(s.head_dim, width_points),
             "mlp_widths": mlp}
 
 
@@ -130,7 +132,7 @@ def _branch_block(model: nn.Module, h: int = 0, a: int = 0, v: int = 0, m: int =
 
 
 def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] = None, device: str = "cpu",
-                rounds: int = 7, iters: int = 3, width_points: int = 8, mlp_points: int = 16,
+                rounds: int = 5, iters: int = 2, width_points: int = 8, mlp_points: int = 16, qk_points: int = 4,
                 progress: bool = True) -> LatencyTable:
     """Measure the latency table of `model`'s shape (any timm ViT uvclab supports) on `device`."""
     from tqdm.auto import tqdm
@@ -141,7 +143,7 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
     torch.set_num_threads(threads)
     t0 = time.time()
     try:
-        grid = table_grid(model, width_points, mlp_points)
+        grid = table_grid(model, width_points, mlp_points, qk_points)
         key = table_key(model, batch_size, threads, device, grid)
         s = vit_shape(model)
         attn_pts = [(h, a, v) for h in grid["heads"] for a in grid["qk_widths"] for v in grid["v_widths"]]
@@ -193,7 +195,8 @@ def latency_table(model: nn.Module, batch_size: int = 64, threads: Optional[int]
     """The cached table for this model shape, batch, threads and device; measured (and cached) when missing,
     when its key differs (another torch, device, grid...) or when `rebuild`."""
     threads = threads or torch.get_num_threads()
-    grid = table_grid(model, build_kw.get("width_points", 8), build_kw.get("mlp_points", 16))
+    grid = table_grid(model, build_kw.get("width_points", 8), build_kw.get("mlp_points", 16),
+                      build_kw.get("qk_points", 4))
     path = cache_path(table_key(model, batch_size, threads, device, grid), folder)
     if path.exists() and not rebuild:
         try:
