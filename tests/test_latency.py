@@ -61,7 +61,8 @@ def test_interpolation_is_exact_on_the_grid_and_linear_between(tiny):
     torch.testing.assert_close(t.attn(torch.tensor(float(t.heads[1])), torch.tensor(a), torch.tensor(v)), along_a)
     m = 0.5 * (t.mlp_widths[1] + t.mlp_widths[2])
     torch.testing.assert_close(t.mlp(torch.tensor(m)), torch.tensor(0.5 * (t.mlp_ms[1] + t.mlp_ms[2])))
-    ms = [float(t.mlp(torch.tensor(t.mlp_widths[1] + f * (t.mlp_widths[2] - t.mlp_widths[1])))) for f in (0, .2, .4, .6)]
+    w0, w1 = t.mlp_widths[1], t.mlp_widths[2]
+    ms = [float(t.mlp(torch.tensor(w0 + f * (w1 - w0)))) for f in (0, .2, .4, .6)]
     steps = [b - a for a, b in zip(ms, ms[1:])]
     assert max(steps) - min(steps) < 1e-5   # equal steps: linear
 
@@ -105,7 +106,8 @@ def test_table_cache_keys_and_invalidation(tiny, tmp_path, monkeypatch):
     def no_build(*a, **k):
         raise AssertionError("measured again")
     monkeypatch.setattr(latency_build, "build_table", no_build)
-    assert latency_build.latency_table(tiny, batch_size=2, threads=1, folder=tmp_path, progress=False, **TINY).key == t.key
+    again = latency_build.latency_table(tiny, batch_size=2, threads=1, folder=tmp_path, progress=False, **TINY)
+    assert again.key == t.key and again.mlp_ms == t.mlp_ms
     with pytest.raises(AssertionError):  # another batch size is another table
         latency_build.latency_table(tiny, batch_size=3, threads=1, folder=tmp_path, progress=False, **TINY)
     monkeypatch.undo()

@@ -42,6 +42,8 @@ TINY = {
                                 bench_batch_size=4, bench_rounds=1),
     "06_results": {},
     "07_explorer": {},
+    "09_latency_budget": dict(dataset="digits", search_epochs=1, finetune_epochs=1, max_steps_per_epoch=3,
+                              batch_size=32, threads=1, macs_ratio=0.6, latency_batch_size=4, table_rounds=1),
 }
 PRODUCERS = ["02_mask_learning", "03_distillation_ablations", "04_pruning_ratios"]   # write runs for 06, 07
 

@@ -86,9 +86,10 @@ def fit_to_budget(shape: VitShape, structure: Structure, head_scores: torch.Tens
             kept = [l for l, b in enumerate(f.st.blocks) if b.keep]
             if not kept or not allow_skip:
                 what = "the stem and head alone cost" if not kept else "without skipping blocks the minimum is"
+                unit = "MACs" if block_cost is None else "cost"
                 raise UvclabError(f"No structure fits the budget {macs_ratio}: {what} {f.total() / dense_macs:.3f} "
-                                  f"of the dense {'MACs' if block_cost is None else 'cost'}. Use a larger budget" + ("." if allow_skip else
-                                                                              " or allow block skipping."))
+                                  f"of the dense {unit}. Use a larger budget"
+                                  + ("." if allow_skip else " or allow block skipping."))
             f.st.blocks[min(kept, key=by_keep)].keep = False
             continue
         _, l, nb, _ = min(moves, key=lambda m: m[0])

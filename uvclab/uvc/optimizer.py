@@ -326,9 +326,11 @@ class UVCPrimalDual:
             heads = self.scores()[1]
             if R is None:
                 R = float(self.expected_macs_ratio(self.s, self.r, heads))
-            macs = R if self.budget_kind == "macs" else float(self.expected_macs_ratio(self.s, self.r, heads, kind="macs"))
+            macs = R if self.budget_kind == "macs" else float(self.expected_macs_ratio(self.s, self.r, heads,
+                                                                                        kind="macs"))
         lat = {} if self.budget_kind == "macs" else {"expected_latency_ratio": R}
-        self.last = {"step": self.global_step, "epoch": epoch, "warmup": warmup, "R": R, "budget_kind": self.budget_kind,
+        self.last = {"step": self.global_step, "epoch": epoch, "warmup": warmup, "R": R,
+                     "budget_kind": self.budget_kind,
                      "expected_macs_ratio": macs, **lat, "budget": self.budget, "target": self.target(),
                      "z": float(self.z),
                      "heads_removed": torch.ceil(self.s[:, 0]).tolist(),

@@ -3,7 +3,8 @@
 The reference code leaves this to a hand-picked checkpoint (docs/method.md §3.5). Here it is automatic:
 `structure_from_counts` keeps all but the ceil(s), ceil(r) smallest groups and follows the argmax skip
 decisions (`current_structure`), then `select_structure` fits the *exported* count (or, with a latency
-budget, the latency table's prediction for the exported layout) into [B - slack, B] (`uvclab.prune.fit.fit_to_budget`). `ranks_agree` checks that every torchrun rank ends identical.
+budget, the latency table's prediction for the exported layout) into [B - slack, B]
+(`uvclab.prune.fit.fit_to_budget`). `ranks_agree` checks that every torchrun rank ends identical.
 """
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ class LatencyTable:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UvclabError(f"Cannot read latency table '{path}' ({e}); rebuild it with `uvclab latency-table`.") from e
+            raise UvclabError(f"Cannot read latency table '{path}' ({e}); rebuild it with "
+                              "`uvclab latency-table`.") from e
 
     # ---- checks -----------------------------------------------------------------------------------
     def check_shape(self, s: VitShape) -> None:
