@@ -49,13 +49,13 @@ def _run(args):
     return name
 
 
-def timed_rows(models: dict, dense, table, batch: int, threads: int) -> list[dict]:
+def timed_rows(models: dict, dense, table, batch: int, threads: int, rounds: int = 11) -> list[dict]:
     """Predicted and measured latency ratio of each export, all timed together with the dense model."""
     from uvclab.vit.latency_build import measure_ms
     from uvclab.vit.structure import Structure
     torch.set_num_threads(threads)
     names = list(models)
-    ms = measure_ms([dense] + [models[n] for n in names], batch, rounds=11, iters=3)
+    ms = measure_ms([dense] + [models[n] for n in names], batch, rounds=rounds, iters=3 if rounds > 5 else 2)
     dense_pred = table.predicted_dense_ms(len(dense.blocks))
     rows = []
     for n, t in zip(names, ms[1:]):
@@ -114,7 +114,8 @@ def deit_small(a) -> pd.DataFrame:
             st = select_structure(uvc, 0.02)
             models[f"{kind}_b{b:g}"] = uvclab.export_model(gated, st)
             print(kind, b, "R end of search", round(rec["R"], 3), flush=True)
-    rows = timed_rows(models, uvclab.export_model(model, Structure.dense(model)), table, a.batch, a.threads)
+    rows = timed_rows(models, uvclab.export_model(model, Structure.dense(model)), table, a.batch, a.threads,
+                      rounds=5)
     for r in rows:
         kind, b = r["run"].split("_b")
         dense_macs = uvclab.count(model)["macs"]

@@ -156,3 +156,17 @@ def test_latency_budget_end_to_end(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "latency").glob("*.json"))
     log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("expected_latency_ratio" in r for r in log)
+
+
+def test_cli_builds_then_reads_the_cached_table(tmp_path, monkeypatch, capsys):
+    from uvclab.ui.cli import main
+    monkeypatch.setenv("UVCLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency_build, "latency_table", partial(latency_build.latency_table, **TINY))
+    args = ["latency-table", "deit_tiny_patch16_224", "--img-size", "32", "--model-arg", "patch_size=16",
+            "--model-arg", "depth=1", "--batch-size", "1", "--threads", "1"]
+    assert main(args + ["--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["key"]["tokens"] == 5 and first["key"]["batch_size"] == 1 and first["build_seconds"] > 0
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "(cached)" in out and "dense predicted" in out
