@@ -5,8 +5,10 @@ table, Shen et al., NeurIPS 2022): a block costs attn(h, a, v) + mlp(m) + a per-
 is the measured pre-norm attention branch (norm1, qkv, attention, proj, residual add) with h heads of q/k
 width a and v width v, and mlp the MLP branch (norm2, fc1, GELU, fc2, add) with m neurons; the model adds a
 fixed part (stem, tokens, final norm, head). Between grid points the table is piecewise linear in every axis
-(trilinear for attention), so the predicted latency of UVC's continuous counts has a gradient. The
-measurements and the cache live in `uvclab.vit.latency_build`.
+(trilinear for attention): that is the predicted latency (R's value). Its gradient, the price of one more group,
+comes from a smooth fit of the same grid (attention ~ c0 + c1 h + c2 h a + c3 h v, MLP ~ d0 + d1 m, non-negative
+least squares): a measured grid is noisy, and a flat or falling segment would make a group look free to keep
+forever. The measurements and the cache live in `uvclab.vit.latency_build`.
 """
 from __future__ import annotations
 
@@ -100,6 +102,24 @@ class LatencyTable:
         i, w = _segment(self._t("mlp_widths", m), m)
         return (1 - w) * T[i] + w * T[i + 1]
 
+    def _fit(self) -> tuple[list[float], list[float]]:
+        """Non-negative least-squares coefficients (c0..c3 of attention, d0, d1 of the MLP) of the grid."""
+        memo = self.__dict__.setdefault("_memo", {})
+        if "fit" not in memo:
+            import numpy as np
+            from scipy.optimize import nnls
+            hav = np.array([(h, a, v) for h in self.heads for a in self.qk_widths for v in self.v_widths], float)
+            X = np.column_stack([np.ones(len(hav)), hav[:, 0], hav[:, 0] * hav[:, 1], hav[:, 0] * hav[:, 2]])
+            c = nnls(X, np.asarray(self.attn_ms, float).reshape(-1))[0]
+            m = np.asarray(self.mlp_widths, float)
+            d = nnls(np.column_stack([np.ones_like(m), m]), np.asarray(self.mlp_ms, float))[0]
+            memo["fit"] = (c.tolist(), d.tolist())
+        return memo["fit"]
+
+    def _smooth_grad(self, exact: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+        """The exact value with the smooth fit's gradient (straight-through)."""
+        return exact.detach() + smooth - smooth.detach()
+
     def expected_latency(self, s: VitShape, heads_removed: torch.Tensor, neurons_removed: torch.Tensor,
                          dims_removed: torch.Tensor, head_kept: torch.Tensor,
                          block_gate: Optional[torch.Tensor] = None, tie_qk: bool = False,
@@ -115,8 +135,10 @@ class LatencyTable:
         a = v if tie_qk else torch.full_like(v, float(Dh))
         if layout == "fused":
             a = v = torch.maximum(a, v)
-        attn = self.attn(h, a, v)
-        mlp = self.mlp(M - neurons_removed)
+        (c0, c1, c2, c3), (d0, d1) = self._fit()
+        attn = self._smooth_grad(self.attn(h, a, v), c0 + c1 * h + c2 * h * a + c3 * h * v)
+        m = M - neurons_removed
+        mlp = self._smooth_grad(self.mlp(m), d0 + d1 * m)
         if attn_gate is not None:
             attn = attn * attn_gate
         if mlp_gate is not None:
