@@ -2,11 +2,13 @@
 
 Each grid point is the exported model's own code (`SlimAttention`, timm `Mlp` inside a `SlimBlock`) on a
 (batch, tokens, width) input: warm-up, then `rounds` rounds over all points in alternating order (forward,
-then reversed); in each round the fastest of `iters` single calls (a call another process interrupted is
-dropped), and the median over rounds per point, so drifts of a shared machine hit all points alike; every
+then reversed), each timing at least `iters` calls and 20 ms, and the median over rounds per point, so drifts
+of a shared machine hit all points alike (the fastest single call instead was tried: on a loaded CPU it lets
+short calls dodge the other processes where long ones cannot, and the parts no longer add up); every
 group of points is timed with the dense block as a reference and rescaled to the last group's load. The
 attention grid is heads x q/k width x v width, the MLP grid widths; the fixed parts (the model without
-blocks: stem, head) is measured, the per-block overhead is the dense block minus its two branches, and the
+blocks: stem, head) is measured, the per-block overhead is the dense block minus its two branches (timed
+together in one group), and the
 whole dense model is measured for comparison (`dense_ms`; a long call on a loaded machine is stretched by the
 other processes where the short calls of the grid mostly are not, so ratios, not absolute ms, are what
 carry over). `latency_table` returns the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import json
 import platform
 import time
@@ -87,32 +90,37 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def time_calls(fns: Sequence[Callable[[], object]], rounds: int = 7, iters: int = 3, warmup: int = 1,
-               device: str | torch.device = "cpu", progress: Optional[Callable[[int], None]] = None) -> list[float]:
-    """ms per call of each fn: warm-up, then `rounds` alternating-order rounds; per round the fastest of
-    `iters` calls, per fn the median over rounds."""
+def time_calls(fns: Sequence[Callable[[], object]], rounds: int = 7, iters: int = 2, warmup: int = 1,
+               device: str | torch.device = "cpu", progress: Optional[Callable[[int], None]] = None,
+               min_ms: float = 20.0) -> list[float]:
+    """ms per call of each fn: warm-up, then `rounds` alternating-order rounds, each timing `iters` calls in a
+    row (more for fast fns, so that one timing lasts >= min_ms: a loaded machine then stretches short and long
+    calls alike); per fn the median over rounds."""
     device = torch.device(device)
+    n = []
     for fn in fns:
         for _ in range(warmup):
+            _sync(device)
+            t0 = time.perf_counter()
             fn()
+            _sync(device)
+        n.append(max(iters, math.ceil(min_ms / max((time.perf_counter() - t0) * 1000, 1e-3))))
     times: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
-            best = float("inf")
-            for _ in range(iters):
-                _sync(device)
-                t0 = time.perf_counter()
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n[i]):
                 fns[i]()
-                _sync(device)
-                best = min(best, (time.perf_counter() - t0) * 1000)
-            times[i].append(best)
+            _sync(device)
+            times[i].append((time.perf_counter() - t0) * 1000 / n[i])
             if progress is not None:
                 progress(1)
     return [sorted(t)[len(t) // 2] for t in times]
 
 
-def measure_ms(models: Sequence[nn.Module], batch_size: int, rounds: int = 9, iters: int = 3,
+def measure_ms(models: Sequence[nn.Module], batch_size: int, rounds: int = 9, iters: int = 2,
                device: str | torch.device = "cpu") -> list[float]:
     """Median ms per batch of each model on one random batch, timed in alternating rounds (e.g. dense, export)."""
     models = [m.eval().to(device) for m in models]
@@ -131,8 +139,19 @@ def _branch_block(model: nn.Module, h: int = 0, a: int = 0, v: int = 0, m: int =
     return _slim_block(model.blocks[len(model.blocks) // 2], b, "compact").eval()
 
 
+@torch.inference_mode()
+def _chain(block: nn.Module, x: torch.Tensor, depth: int, min_ms: float = 20.0) -> nn.Sequential:
+    """Up to `depth` copies of `block` in a row, enough for `min_ms` per call: a block then runs as inside the
+    model, after other blocks' weights, not with its own weights hot in the cache on every call (timed alone,
+    the Fashion-MNIST teacher's blocks summed to 0.6 of the whole model)."""
+    t0 = time.perf_counter()
+    block(x)
+    k = min(depth, max(1, math.ceil(min_ms / max((time.perf_counter() - t0) * 1000, 1e-3))))
+    return nn.Sequential(block, *[copy.deepcopy(block) for _ in range(k - 1)])
+
+
 def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] = None, device: str = "cpu",
-                rounds: int = 5, iters: int = 2, width_points: int = 8, mlp_points: int = 16, qk_points: int = 4,
+                rounds: int = 5, iters: int = 1, width_points: int = 8, mlp_points: int = 16, qk_points: int = 4,
                 progress: bool = True) -> LatencyTable:
     """Measure the latency table of `model`'s shape (any timm ViT uvclab supports) on `device`."""
     from tqdm.auto import tqdm
@@ -157,23 +176,30 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         with torch.inference_mode():
             d = wholes[1]  # the middle block's real input activations (B, N, D)
             x = d.blocks[:s.depth // 2](d.norm_pre(d._pos_embed(d.patch_embed(img))))
-        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 4)
+        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 6)
         bar = tqdm(total=n_calls, desc=f"latency table ({key['model']}, batch {batch_size}, {threads} thr)",
                    disable=not progress, unit="t")
 
-        ref = _branch_block(model, s.num_heads, s.head_dim, s.head_dim, s.mlp_hidden).to(device)
+        ref = _chain(_branch_block(model, s.num_heads, s.head_dim, s.head_dim, s.mlp_hidden).to(device), x, s.depth)
 
         def timed(blocks: list[nn.Module]) -> list[float]:
             """ms of each block, and of the dense reference block timed with them (the last entry)."""
-            blocks = [b.to(device) for b in blocks] + [ref]
-            return time_calls([lambda b=b: b(x) for b in blocks], rounds, iters, device=device, progress=bar.update)
+            chains = [_chain(b.to(device), x, s.depth) for b in blocks] + [ref]
+            ms = time_calls([lambda c=c: c(x) for c in chains], rounds, iters, device=device, progress=bar.update)
+            return [t / len(c) for t, c in zip(ms, chains)]
 
         # one attention size at a time keeps memory small; the rounds alternate within each size group
         groups = [timed([_branch_block(model, h=h, a=a, v=v) for (hh, a, v) in attn_pts if hh == h])
                   for h in grid["heads"]]
         groups.append(timed([_branch_block(model, m=m) for m in grid["mlp_widths"]]))
-        fixed_ms, dense_ms, ref_ms = time_calls([lambda: wholes[0](img), lambda: wholes[1](img), lambda: ref(x)],
-                                                rounds, iters, device=device, progress=bar.update)
+        # the last group, timed together: fixed part, dense model, the dense block and its two branches alone
+        a_only, m_only = (_branch_block(model, s.num_heads, s.head_dim, s.head_dim).to(device),
+                          _branch_block(model, m=s.mlp_hidden).to(device))
+        a_only, m_only = _chain(a_only, x, s.depth), _chain(m_only, x, s.depth)
+        fixed_ms, dense_ms, ref_ms, a_ms, m_ms = time_calls(
+            [lambda: wholes[0](img), lambda: wholes[1](img), lambda: ref(x), lambda: a_only(x), lambda: m_only(x)],
+            rounds, iters, device=device, progress=bar.update)
+        ref_ms, a_ms, m_ms = ref_ms / len(ref), a_ms / len(a_only), m_ms / len(m_only)
         bar.close()
         # each group at the load of the last one: times x (reference now / reference then) removes slow drifts
         groups = [[t * ref_ms / g[-1] for t in g[:-1]] for g in groups]
@@ -184,7 +210,7 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
     cube = [[attn_ms[(i * nq + j) * nv:(i * nq + j + 1) * nv] for j in range(nq)] for i in range(len(grid["heads"]))]
     return LatencyTable(key=key, heads=grid["heads"], qk_widths=grid["qk_widths"], v_widths=grid["v_widths"],
                         attn_ms=cube, mlp_widths=grid["mlp_widths"], mlp_ms=mlp_ms,
-                        block_overhead_ms=ref_ms - attn_ms[-1] - mlp_ms[-1],
+                        block_overhead_ms=ref_ms - a_ms - m_ms,
                         fixed_ms=fixed_ms, dense_ms=dense_ms,
                         build_seconds=time.time() - t0)
 
