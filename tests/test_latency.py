@@ -151,6 +151,7 @@ def test_latency_budget_end_to_end(tmp_path, monkeypatch):
                                  "progress=false", "budget_slack=0.1"])
     rep = uvclab.compress(cfg, tmp_path / "run")
     assert rep["budget_kind"] == "latency" and 0.5 <= rep["latency_ratio_predicted"] <= 0.6
+    assert rep["search_end_latency_ratio"] > 0 and 0 < rep["search_end_macs_ratio"] <= 1  # a noisy table can put R > 1
     for k in ("latency_ratio_measured", "latency_ms", "dense_latency_ms", "latency_ms_predicted"):
         assert rep[k] > 0
     assert list((tmp_path / "cache" / "latency").glob("*.json"))

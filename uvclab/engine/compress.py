@@ -194,21 +194,23 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
 
     agree = None  # checked right after the search (not re-checked when resuming in stage 2)
     search_end_R = None  # UVC: the expected MACs ratio where the search ended, before the final fit
+    search_end_lat = None  # UVC with a latency budget: the predicted latency ratio there (the constrained R)
     if ckpt is not None and ckpt["stage"] == "finetune":
         structure = Structure.load(out / "structure.json")
         if (out / "uvc_state.json").exists():
-            search_end_R = json.loads((out / "uvc_state.json").read_text()).get("expected_macs_ratio_end")
+            saved = json.loads((out / "uvc_state.json").read_text())
+            search_end_R, search_end_lat = saved.get("expected_macs_ratio_end"), saved.get("expected_latency_ratio_end")
     elif cfg.method == "uvc":
         uvc = search(cfg, model, teacher, splits, out, log, ckpt)
         structure = select_structure(uvc, cfg.budget_slack, cfg.layout)
         agree = ranks_agree(uvc, structure)
         if not agree:
             raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
-        search_end_R = uvc.last.get("R")
+        search_end_R, search_end_lat = uvc.last.get("expected_macs_ratio"), uvc.last.get("expected_latency_ratio")
         if rank() == 0:
             atomic_write_text(out / "uvc_state.json", json.dumps(
                 {**{k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)},
-                 "expected_macs_ratio_end": search_end_R}))
+                 "expected_macs_ratio_end": search_end_R, "expected_latency_ratio_end": search_end_lat}))
     else:
         structure = one_shot_structure(cfg, model, teacher, splits)
     if ckpt is None or ckpt["stage"] != "finetune":
@@ -231,7 +233,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool = False) -> dict
               "world_size": world(), "ranks_agree": agree, "val_samples": len(splits.val),
               "test_samples": len(splits.test), "budget_kind": cfg.budget_kind}
     if cfg.budget_kind == "latency":
-        report.update(latency_report(cfg, model, structure, slim))
+        report.update(latency_report(cfg, model, structure, slim), search_end_latency_ratio=search_end_lat)
     if rank() == 0:
         save_pruned(slim.cpu(), out / "model", extra={"top1": top1, "teacher_top1": teacher_top1})
         atomic_write_text(out / "report.json", json.dumps(report, indent=1))
