@@ -43,6 +43,8 @@ TINY = {
     "06_results": {},
     "07_explorer": {},
     "08_compare_runs": dict(TINY_RUN, uvc_budgets=[0.8, 0.4], baselines=["magnitude"], gallery_size=4),
+    "09_latency_budget": dict(dataset="digits", search_epochs=1, finetune_epochs=1, max_steps_per_epoch=3,
+                              batch_size=32, threads=1, macs_ratio=0.6, latency_batch_size=4, table_rounds=1),
 }
 PRODUCERS = ["02_mask_learning", "03_distillation_ablations", "04_pruning_ratios"]   # write runs for 06, 07
 

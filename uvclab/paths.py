@@ -32,3 +32,8 @@ def notebook_runs(runs_root: str = "") -> Path:
     taken from the repository root, so a notebook finds the same folder wherever its kernel starts."""
     root = Path(runs_root) if runs_root else runs_dir() / "notebooks"
     return root if root.is_absolute() else REPO_ROOT / root
+
+
+def cache_dir() -> Path:
+    """Measured, re-creatable data (latency tables): UVCLAB_CACHE, default ~/.cache/uvclab."""
+    return Path(os.environ.get("UVCLAB_CACHE", Path.home() / ".cache" / "uvclab"))

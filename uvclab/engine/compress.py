@@ -25,7 +25,7 @@ from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, rank, seeded_loader, set_seed,
                                 steps_per_epoch, train_one_epoch, world)
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, open_run_folder, save_checkpoint
-from uvclab.engine.search import kd_loss_fn, search
+from uvclab.engine.search import kd_loss_fn, latency_table_for, search
 from uvclab.engine.strategies import one_shot_structure
 from uvclab.engine.teacher import load_teacher
 from uvclab.errors import UvclabError
@@ -135,6 +135,25 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
     return slim.eval(), best_val, start_val
 
 
+def latency_report(cfg: CompressConfig, model, structure: Structure, slim) -> dict:
+    """Predicted (the table) and measured (dense vs export, alternating rounds) latency at the table's batch."""
+    from uvclab.vit.latency_build import measure_ms
+    table = latency_table_for(cfg, model)
+    dense_pred = table.predicted_dense_ms(structure.depth)
+    pred = table.structure_ms(structure, cfg.layout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(table.key["threads"])
+    try:
+        dense_ms, ms = measure_ms([export_model(model, Structure.dense(model), cfg.layout), copy.deepcopy(slim)],
+                                  cfg.latency_batch_size, device=cfg.device)
+    finally:
+        torch.set_num_threads(threads)
+    return {"latency_ratio_predicted": pred / dense_pred, "latency_ratio_measured": ms / dense_ms,
+            "latency_ms_predicted": pred, "dense_latency_ms_predicted": dense_pred, "latency_ms": ms,
+            "dense_latency_ms": dense_ms, "latency_batch_size": cfg.latency_batch_size,
+            "latency_threads": table.key["threads"], "latency_device": table.key["device"]}
+
+
 # ---- the whole job -----------------------------------------------------------------------------------
 
 def _check_t2t_stem(cfg: CompressConfig, state: dict, out: Path) -> None:
@@ -173,22 +192,25 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
 
     agree = None  # checked right after the search (kept in uvc_state.json for a resume in stage 2)
     search_end_R = None  # UVC: the expected MACs ratio where the search ended, before the final fit
+    search_end_lat = None  # UVC with a latency budget: the predicted latency ratio there (the constrained R)
     if ckpt is not None and ckpt["stage"] == "finetune":
         structure = Structure.load(out / "structure.json")
         if (out / "uvc_state.json").exists():
             saved = json.loads((out / "uvc_state.json").read_text())
             search_end_R, agree = saved.get("expected_macs_ratio_end"), saved.get("ranks_agree")
+            search_end_lat = saved.get("expected_latency_ratio_end")
     elif cfg.method == "uvc":
         uvc = search(cfg, model, teacher, splits, out, log, ckpt)
         structure = select_structure(uvc, cfg.budget_slack, cfg.layout)
         agree = ranks_agree(uvc, structure)
         if not agree:
             raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
-        search_end_R = uvc.last.get("expected_macs_ratio")
+        search_end_R, search_end_lat = uvc.last.get("expected_macs_ratio"), uvc.last.get("expected_latency_ratio")
         if rank() == 0:
             atomic_write_text(out / "uvc_state.json", json.dumps(
                 {**{k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)},
-                 "expected_macs_ratio_end": search_end_R, "ranks_agree": agree}))
+                 "expected_macs_ratio_end": search_end_R, "expected_latency_ratio_end": search_end_lat,
+                 "ranks_agree": agree}))
     else:
         structure = one_shot_structure(cfg, model, teacher, splits)
     if ckpt is None or ckpt["stage"] != "finetune":
@@ -209,7 +231,9 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
               "layout": cfg.layout, "train_images": train_images(cfg), "seconds": time.time() - t0,
               "world_size": world(), "ranks_agree": agree, "val_samples": len(splits.val),
-              "test_samples": len(splits.test)}
+              "test_samples": len(splits.test), "budget_kind": cfg.budget_kind}
+    if cfg.budget_kind == "latency":
+        report.update(latency_report(cfg, model, structure, slim), search_end_latency_ratio=search_end_lat)
     if rank() == 0:
         save_pruned(slim.cpu(), out / "model", extra={"top1": top1, "teacher_top1": teacher_top1})
         atomic_write_text(out / "report.json", json.dumps(report, indent=1))

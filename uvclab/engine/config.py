@@ -19,6 +19,7 @@ from uvclab.errors import UvclabError
 from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
 from uvclab.uvc.settings import UVCSettings
 
+BUDGET_KINDS = ("macs", "latency")
 METHODS = ("uvc", "magnitude", "uniform", "depth", "torch_pruning", "isomorphic")  # structure strategies
 ABLATIONS = {  # UVC with one ingredient changed: name -> dotted config overrides (notebook 03, the benchmark)
     "uvc": {},
@@ -43,7 +44,12 @@ class CompressConfig:
     dataset: str = "digits"              # digits | fashion_mnist | cifar10 | cifar100 | imagefolder
     data_root: Optional[str] = None      # dataset folder (fashion_mnist, cifar, imagefolder)
     split_seed: int = 0                  # fixes the train/validation/test split
-    macs_ratio: float = 0.5              # the budget B: exported MACs must be <= B x dense MACs
+    macs_ratio: float = 0.5              # the budget B (also accepted as `budget`): exported MACs, or with
+                                         # budget_kind latency the predicted latency, <= B x dense
+    budget_kind: str = "macs"            # macs | latency (UVC: R = the latency table's predicted ms / dense;
+                                         # report.json adds the measured latency of dense and export)
+    latency_batch_size: int = 64         # latency budget: the batch the table is measured (and the export timed) at
+    latency_threads: Optional[int] = None  # latency budget: torch threads when timing (None: `threads`, else torch's)
     seed: int = 0
     device: str = "cpu"                  # cpu | cuda | cuda:N
     batch_size: int = 64
@@ -70,6 +76,11 @@ class CompressConfig:
 
     def __post_init__(self):
         check_budget(self.macs_ratio)
+        if self.budget_kind not in BUDGET_KINDS:
+            raise UvclabError(f"budget_kind='{self.budget_kind}' is not one of {BUDGET_KINDS}.")
+        if self.budget_kind == "latency" and self.method != "uvc":
+            raise UvclabError(f"budget_kind=latency needs method=uvc (the one-shot method '{self.method}' cuts to "
+                              "a MACs budget); use budget_kind=macs.")
         if self.method not in METHODS:
             raise UvclabError(f"method='{self.method}' is not one of {METHODS}.")
         from uvclab.engine.data import DATASETS
@@ -86,7 +97,8 @@ class CompressConfig:
                 raise UvclabError(f"{name} must be >= 0.")
         if self.batch_size < 1 or self.lr <= 0 or self.finetune_lr <= 0:
             raise UvclabError("batch_size, lr and finetune_lr must be positive.")
-        for name in ("max_steps_per_epoch", "eval_max_samples", "test_max_samples", "threads"):
+        for name in ("max_steps_per_epoch", "eval_max_samples", "test_max_samples", "threads", "latency_threads",
+                     "latency_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UvclabError(f"{name} must be >= 1 (or null for no limit).")
         if not 0 <= self.kd_alpha <= 1:
@@ -101,6 +113,11 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CompressConfig":
         d = dict(d)
+        if "budget" in d:  # the budget's other name: one value, whatever its kind
+            b = d.pop("budget")
+            if "macs_ratio" in d and d["macs_ratio"] != b:
+                raise UvclabError(f"budget={b} and macs_ratio={d['macs_ratio']} disagree; they are one key, give one.")
+            d["macs_ratio"] = b
         uvc = d.pop("uvc", None) or {}
         if isinstance(uvc, dict):
             uvc = {k: v for k, v in uvc.items() if k != "macs_ratio"}  # run folders before 0.2 copied the budget here

@@ -19,6 +19,7 @@ from uvclab.engine.loop import (adamw_with_schedule, evaluate, seeded_loader, st
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, save_checkpoint
 from uvclab.uvc import UVCPrimalDual, current_structure
 from uvclab.vit.gated import open_all_gates
+from uvclab.vit.latency import LatencyTable
 from uvclab.vit.macs import count
 from uvclab.vit.structure import Structure, apply_structure
 
@@ -43,6 +44,15 @@ def kd_loss_fn(cfg: CompressConfig, model, teacher):
     return loss
 
 
+def latency_table_for(cfg: CompressConfig, model) -> Optional[LatencyTable]:
+    """The cached (or freshly measured) latency table of a latency-budget run; None for a MACs budget."""
+    if cfg.budget_kind != "latency":
+        return None
+    from uvclab.vit.latency_build import latency_table
+    return latency_table(model, cfg.latency_batch_size, cfg.latency_threads or cfg.threads, cfg.device,
+                         progress=cfg.progress)
+
+
 def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsLog,
            ckpt: Optional[dict]) -> UVCPrimalDual:
     """UVC stage 1 on the gated `model`. Returns the primal-dual optimiser at the end of the search."""
@@ -50,7 +60,7 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
     epochs = cfg.warmup_epochs + cfg.search_epochs
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
     uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs,
-                        total_steps=cfg.search_epochs * steps)
+                        total_steps=cfg.search_epochs * steps, latency=latency_table_for(cfg, model), layout=cfg.layout)
     opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
     start = 0
     if ckpt is not None and ckpt["stage"] == "search":
@@ -71,7 +81,7 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
         def after_step(step, loss):
             rec = uvc.step(opt.param_groups[0]["lr"], epoch, warm)
             log.write({"stage": "search", "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **rec})
-            return {"R": f"{rec['expected_macs_ratio']:.3f}", "z": f"{rec['z']:.2g}"}
+            return {"R": f"{rec['R']:.3f}", "z": f"{rec['z']:.2g}"}
 
         train_one_epoch(model, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
                                              num_workers=cfg.num_workers),
@@ -83,7 +93,7 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
         with masked(model, st):
             val = evaluate(model, splits.val)
         log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
-                   "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
+                   "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
                    "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})
         save_checkpoint(out / "checkpoint.pt", {"stage": "search", "epoch": epoch + 1, "model": model.state_dict(),
                                                 "opt": opt.state_dict(), "sched": sched.state_dict(),

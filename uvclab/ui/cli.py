@@ -4,6 +4,7 @@
   uvclab bench MODEL [--macs-ratio R | --structure FILE] [--batch-size B] [--runtime onnxruntime] [--json]
   uvclab export-onnx RUN_DIR [--out FILE] [--dynamic-batch | --batch-size B] [--opset N] [--json]
   uvclab compress [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume [auto]]
+  uvclab latency-table MODEL [--batch-size B] [--threads T] [--device D] [--rebuild] [--json]
   uvclab teacher [CONFIG.yaml] --model NAME --dataset NAME [--set key=value ...] --out STEM
 Every `--set` / `--model-arg` goes through the one parser (`uvclab.engine.config.parse_overrides`).
 User mistakes (UvclabError) print one clear message, no traceback, exit code 2.
@@ -83,6 +84,40 @@ def cmd_export_onnx(args) -> None:
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "metadata"}) if args.json else res)
 
 
+def cmd_latency_table(args) -> None:
+    import time
+    import torch
+    from uvclab.vit.latency_build import cache_path, latency_table
+    from uvclab.vit.models import create_vit
+    if args.model.endswith(".json"):  # a teacher card: its architecture
+        from uvclab.engine.teacher import load_teacher
+        model = load_teacher(args.model)
+    else:
+        torch.manual_seed(0)
+        model = create_vit(args.model, **_model_kwargs(args))
+    model = model.eval().to(args.device)
+    t0 = time.time()
+    t = latency_table(model, args.batch_size, args.threads, args.device, rebuild=args.rebuild,
+                      progress=not args.json)
+    took = time.time() - t0
+    path = cache_path(t.key)
+    if args.json:
+        print(json.dumps({"path": str(path), "build_seconds": t.build_seconds, "seconds": took,
+                          "dense_ms_predicted": t.predicted_dense_ms(t.key["depth"]), **t.to_dict()}))
+        return
+    k = t.key
+    cached = took < 0.5 * t.build_seconds
+    print(f"{k['model']} on {k['device']} ({k['device_type']}), torch {k['torch']}, {k['threads']} threads, batch "
+          f"{k['batch_size']}, {k['tokens']} tokens, width {k['embed_dim']}")
+    print(f"  table   {path}" + (" (cached)" if cached else ""))
+    print(f"  built   in {t.build_seconds:.1f} s ({len(t.heads) * len(t.qk_widths) * len(t.v_widths)} attention "
+          f"+ {len(t.mlp_widths)} MLP points)")
+    full = t.attn_ms[-1][-1][-1]
+    print(f"  block   attention {full:.3f} ms + MLP {t.mlp_ms[-1]:.3f} ms + overhead {t.block_overhead_ms:.3f} ms")
+    print(f"  model   fixed {t.fixed_ms:.3f} ms; dense predicted {t.predicted_dense_ms(k['depth']):.2f} ms, "
+          f"measured {t.dense_ms:.2f} ms")
+
+
 def cmd_compress(args) -> None:
     from uvclab.engine.compress import compress
     from uvclab.engine.config import load_config
@@ -151,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--images", type=int, default=16, help="test images the ONNX output is verified on")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=cmd_export_onnx)
+    q = sub.add_parser("latency-table", help="measure (or show the cached) latency table of a model on this device")
+    q.add_argument("model", help="timm model name (shrunk with --model-arg) or a teacher card .json")
+    q.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    q.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's)")
+    q.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra timm kwarg (repeatable)")
+    q.add_argument("--batch-size", type=int, default=64, help="the batch the latency is for")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    q.add_argument("--rebuild", action="store_true", help="measure again even when a cached table matches")
+    q.add_argument("--json", action="store_true", help="print the table as one JSON object (no progress bar)")
+    q.set_defaults(func=cmd_latency_table)
 
     q = sub.add_parser("compress", help="compress a model: search (UVC) or cut (a baseline) a structure under a "
                        "MACs budget, export, fine-tune")

@@ -6,6 +6,8 @@ Gumbel-softmax; duals y (L, 2), p (L, H) for "the ceil(s) smallest groups are ze
 R(s, r, g) <= B. One `step` after each weight update: proximal shrinkage of the selected groups, then (after
 warm-up) projected SGD on s, r, SGD on alpha every `gating_interval` steps, and dual ascent on y, p, z
 (docs/method.md §3.2). Groups are ranked by squared L2 norm of attn.proj columns and fc2 columns.
+The resource R is the expected MACs ratio, or with a `LatencyTable` the predicted latency ratio (budget_kind
+'latency': the table's piecewise-linear interpolation, differentiable in the counts like the MACs formula).
 Under torchrun every rank holds the same state: the few collective calls live in `_Collective`.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 
 from uvclab.uvc.ops import least_sum, nupi_error, per_mac, projected_sgd, selected_mask, ste_ceil
 from uvclab.uvc.settings import UVCSettings
-from uvclab.vit.macs import VitShape, check_budget, expected_macs, vit_shape
+from uvclab.vit.latency import LatencyTable
+from uvclab.vit.macs import DEFAULT_LAYOUT, VitShape, check_budget, expected_macs, vit_shape
 
 
 @dataclass
@@ -90,12 +93,18 @@ class UVCPrimalDual:
     """Holds a `UVCState` for one gated model and performs UVC's per-iteration update at budget `budget`."""
 
     def __init__(self, model: torch.nn.Module, settings: UVCSettings, budget: float = 0.5,
-                 dense_macs: Optional[int] = None, total_epochs: int = 1, total_steps: Optional[int] = None):
+                 dense_macs: Optional[int] = None, total_epochs: int = 1, total_steps: Optional[int] = None,
+                 latency: Optional[LatencyTable] = None, layout: str = DEFAULT_LAYOUT):
         self.model, self.cfg, self.budget = model, settings, check_budget(budget)
         self.shape: VitShape = vit_shape(model)
+        self.latency, self.layout = latency, layout       # latency table: R is predicted latency / dense
+        self.budget_kind = "macs" if latency is None else "latency"
+        if latency is not None:
+            latency.check_shape(self.shape)
         L, H = self.shape.depth, self.shape.num_heads
         dev = next(model.parameters()).device
         self.dense_macs = dense_macs or int(expected_macs(self.shape, *self._zeros(dev)).item())
+        self.dense_ms = None if latency is None else float(latency.expected_latency(self.shape, *self._zeros(dev)))
         self.state = UVCState.initial(L, H, settings.init_dual, dev)
         self.s_max = torch.tensor([H - 1 - 1e-8, self.shape.mlp_hidden - 1 - 1e-8], device=dev)
         self.r_max = float(self.shape.head_dim - 1 - 1e-8)
@@ -163,8 +172,9 @@ class UVCPrimalDual:
 
     # ---- resource ---------------------------------------------------------------------------------
     def expected_macs_ratio(self, s: torch.Tensor, r: torch.Tensor, head_scores: torch.Tensor,
-                            alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """R(ceil s, ceil r, g) / dense, differentiable in s, r (straight-through ceil) and alpha."""
+                            alpha: Optional[torch.Tensor] = None, kind: Optional[str] = None) -> torch.Tensor:
+        """R(ceil s, ceil r, g) / dense, differentiable in s, r (straight-through ceil) and alpha. R is the
+        resource of `kind` (default: the budget's): expected MACs, or the latency table's predicted ms."""
         s_hat, r_hat = ste_ceil(s), ste_ceil(r)
         if not self.cfg.prune_dims:
             r_hat = r_hat * 0
@@ -178,6 +188,10 @@ class UVCPrimalDual:
                 if self.cfg.resource_gates == "hard":  # straight-through: value 0/1, gradient of the probability
                     g = g + ((g > 0.5).to(g.dtype) - g).detach()
         kept = selected_mask(head_scores, s_hat[:, 0].detach(), largest=True)
+        if (kind or self.budget_kind) == "latency":
+            ms = self.latency.expected_latency(self.shape, s_hat[:, 0], s_hat[:, 1], r_hat, kept, block_gate=g,
+                                               tie_qk=self.cfg.tie_qk, layout=self.layout)
+            return ms / self.dense_ms
         macs = expected_macs(self.shape, s_hat[:, 0], s_hat[:, 1], r_hat, kept, block_gate=g,
                              formula=self.cfg.macs_formula, tie_qk=self.cfg.tie_qk)
         return macs / self.dense_macs
@@ -290,7 +304,7 @@ class UVCPrimalDual:
                 e, st.xi = nupi_error(e, st.xi, cfg.z_kp, cfg.z_nu, first=st.search_step == 1)
             st.z = (st.z + self.zlr(epoch) * e).clamp_min(0)
         _Collective.broadcast_(*st.tensors())  # every rank already agrees; this guarantees it
-        return self._record(epoch, warmup=False, expected_macs_ratio=float(R_new))
+        return self._record(epoch, warmup=False, R=float(R_new))
 
     def target(self) -> float:
         """The budget the counts chase at this search step: B, or the linear walk 1.0 -> B (budget_schedule)."""
@@ -305,12 +319,19 @@ class UVCPrimalDual:
         neurons move at comparable speed; 'reference': plain SGD on the counts (UVC's slr/rlr)."""
         return upper.ceil() if self.cfg.count_lr_mode == "per_range" else None
 
-    def _record(self, epoch: int, warmup: bool, expected_macs_ratio: Optional[float] = None) -> dict:
-        if expected_macs_ratio is None:
-            with torch.no_grad():
-                expected_macs_ratio = float(self.expected_macs_ratio(self.s, self.r, self.scores()[1]))
-        self.last = {"step": self.global_step, "epoch": epoch, "warmup": warmup,
-                     "expected_macs_ratio": expected_macs_ratio, "budget": self.budget, "target": self.target(),
+    def _record(self, epoch: int, warmup: bool, R: Optional[float] = None) -> dict:
+        """The log record; R is the constrained resource ratio (`expected_macs_ratio` or, with a latency budget,
+        `expected_latency_ratio`; both are logged then)."""
+        with torch.no_grad():
+            heads = self.scores()[1]
+            if R is None:
+                R = float(self.expected_macs_ratio(self.s, self.r, heads))
+            macs = R if self.budget_kind == "macs" else float(self.expected_macs_ratio(self.s, self.r, heads,
+                                                                                        kind="macs"))
+        lat = {} if self.budget_kind == "macs" else {"expected_latency_ratio": R}
+        self.last = {"step": self.global_step, "epoch": epoch, "warmup": warmup, "R": R,
+                     "budget_kind": self.budget_kind,
+                     "expected_macs_ratio": macs, **lat, "budget": self.budget, "target": self.target(),
                      "z": float(self.z),
                      "heads_removed": torch.ceil(self.s[:, 0]).tolist(),
                      "neurons_removed": torch.ceil(self.s[:, 1]).tolist(),

@@ -2,7 +2,8 @@
 
 The reference code leaves this to a hand-picked checkpoint (docs/method.md §3.5). Here it is automatic:
 `structure_from_counts` keeps all but the ceil(s), ceil(r) smallest groups and follows the argmax skip
-decisions (`current_structure`), then `select_structure` fits the *exported* count into [B - slack, B]
+decisions (`current_structure`), then `select_structure` fits the *exported* count (or, with a latency
+budget, the latency table's prediction for the exported layout) into [B - slack, B]
 (`uvclab.prune.fit.fit_to_budget`). `ranks_agree` checks that every torchrun rank ends identical.
 """
 from __future__ import annotations
@@ -66,12 +67,16 @@ def current_structure(uvc: UVCPrimalDual) -> Structure:
 
 
 def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT) -> Structure:
-    """Counts + gates -> Structure, fitted so that exported MACs lie in [B - slack, B] x dense. Under
-    torchrun, rank 0's structure is the structure (identical anyway; `ranks_agree` checks it)."""
+    """Counts + gates -> Structure, fitted so that exported MACs (latency budget: predicted ms) lie in
+    [B - slack, B] x dense. Under torchrun, rank 0's structure is the structure (identical anyway)."""
     dims, heads, neurons = uvc.scores()
-    st = fit_to_budget(uvc.shape, current_structure(uvc), heads, neurons, uvc.dense_macs, uvc.budget, slack,
+    cost = {}
+    if uvc.latency is not None:
+        cost = dict(block_cost=lambda b: uvc.latency.block_ms(b, layout), fixed_cost=uvc.latency.fixed_ms)
+    dense = uvc.dense_macs if uvc.latency is None else uvc.latency.predicted_dense_ms(uvc.shape.depth)
+    st = fit_to_budget(uvc.shape, current_structure(uvc), heads, neurons, dense, uvc.budget, slack,
                        layout, dim_scores=dims, keep_prob=uvc.keep_prob(), tie_qk=uvc.cfg.tie_qk,
-                       allow_prune=uvc.cfg.prune, allow_skip=uvc.cfg.block_skip)
+                       allow_prune=uvc.cfg.prune, allow_skip=uvc.cfg.block_skip, **cost)
     if dist.is_available() and dist.is_initialized():
         box = [st.to_dict()]
         dist.broadcast_object_list(box, 0)

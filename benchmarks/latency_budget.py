@@ -1,0 +1,161 @@
+"""UVC with a latency budget vs UVC with a MACs budget, compared at the same *measured* latency.
+
+    python benchmarks/latency_budget.py fm --macs-runs runs/benchmarks/fashion_mnist/runs   # Fashion-MNIST
+    python benchmarks/latency_budget.py deit_small                                         # DeiT-Small at 224
+
+fm: UVC on the committed Fashion-MNIST teacher under the Fashion-MNIST benchmark's protocol (2 search + 6
+fine-tune epochs of 24 x 128 images, one thread), with `budget_kind: latency` at 0.5 and 0.3 and with MACs
+budgets (0.5 and 0.3 from the MACs benchmark's run folders when --macs-runs is given, plus lower ones run
+here so that a MACs run brackets each latency run's measured latency). Afterwards every export and the dense
+model are timed in one process (alternating rounds, batch 64, one thread), and the latency table's
+prediction is set next to each measurement.
+deit_small: a DeiT-Small-shaped model at 224 (random weights: no ImageNet offline, so no accuracy): the
+counts-only search (the UVC update without weight training, `steps` steps), structure selection, export and
+the same timing at batch 8, two threads: only the latency goals can be checked there.
+Results: benchmarks/results/latency_budget_<part>.{csv,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from uvclab.io_utils import atomic_write_text  # noqa: E402
+from uvclab.uvc import SHORT_RUN_UVC  # noqa: E402
+
+FM = dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=24, warmup_epochs=0, search_epochs=2,
+          finetune_epochs=6, lr=5e-4, finetune_lr=5e-4, threads=1, eval_max_samples=3000, test_max_samples=None,
+          progress=False, latency_batch_size=64, latency_threads=1)
+
+
+def _run(args):
+    name, overrides, out = args
+    from uvclab.engine.compress import compress
+    from uvclab.engine.config import CompressConfig
+    folder = Path(out) / name
+    if (folder / "report.json").exists():
+        return name
+    cfg = CompressConfig.from_dict(dict(FM, uvc=dict(SHORT_RUN_UVC), **overrides))
+    compress(cfg, folder, resume=(folder / "checkpoint.pt").exists())
+    return name
+
+
+def timed_rows(models: dict, dense, table, batch: int, threads: int, rounds: int = 11) -> list[dict]:
+    """Predicted and measured latency ratio of each export, all timed together with the dense model."""
+    from uvclab.vit.latency_build import measure_ms
+    from uvclab.vit.structure import Structure
+    torch.set_num_threads(threads)
+    names = list(models)
+    ms = measure_ms([dense] + [models[n] for n in names], batch, rounds=rounds, iters=3 if rounds > 5 else 2)
+    dense_pred = table.predicted_dense_ms(len(dense.blocks))
+    rows = []
+    for n, t in zip(names, ms[1:]):
+        meta = models[n].uvclab_export
+        pred = table.structure_ms(Structure.from_dict(meta["structure"]), meta["layout"])
+        rows.append({"run": n, "latency_ratio_measured": t / ms[0], "latency_ratio_predicted": pred / dense_pred,
+                     "latency_ms": t, "dense_latency_ms": ms[0]})
+    return rows
+
+
+def fashion_mnist(a) -> pd.DataFrame:
+    from uvclab.engine.teacher import load_teacher
+    from uvclab.vit.export import export_model, load_pruned
+    from uvclab.vit.latency_build import latency_table
+    from uvclab.vit.structure import Structure
+    out = Path(a.out)
+    jobs = [(f"latency_b{b:g}", {"budget_kind": "latency", "macs_ratio": b}, out) for b in (0.5, 0.3)]
+    jobs += [(f"macs_b{b:g}", {"macs_ratio": b}, out) for b in a.macs_budgets]
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(a.workers) as pool:
+        for name in pool.imap_unordered(_run, jobs):
+            print(f"done {name} ({time.time() - t0:.0f} s)", flush=True)
+    folders = {j[0]: out / j[0] for j in jobs}
+    if a.macs_runs:  # the MACs benchmark's own UVC runs (same protocol), seed 0
+        folders.update({f"macs_b{b:g}": Path(a.macs_runs) / f"uvc_b{b:g}_s0" for b in (0.5, 0.3)})
+    teacher = load_teacher(ROOT / "data" / "teachers" / "fashion_mnist_vit.json")
+    torch.set_num_threads(1)
+    table = latency_table(teacher, 64, 1)
+    dense = export_model(teacher, Structure.dense(teacher))
+    models = {n: load_pruned(f / "model") for n, f in folders.items() if (f / "model").exists()}
+    rows = timed_rows(models, dense, table, 64, 1)
+    for r in rows:
+        rep = json.loads((folders[r["run"]] / "report.json").read_text())
+        r.update(kind=rep.get("budget_kind", "macs"), budget=rep["budget"], top1=rep["top1"],
+                 val_top1=rep["val_top1"], macs_ratio=rep["macs_ratio"], seconds=rep["seconds"])
+    return pd.DataFrame(rows).sort_values(["kind", "budget"])
+
+
+def deit_small(a) -> pd.DataFrame:
+    import uvclab
+    from uvclab.uvc import UVCPrimalDual, UVCSettings, select_structure
+    from uvclab.vit.latency_build import latency_table
+    from uvclab.vit.structure import Structure
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    model = uvclab.create_vit("deit_small_patch16_224").eval()
+    table = latency_table(model, a.batch, a.threads)
+    models = {}
+    for kind in ("latency", "macs"):
+        for b in (0.5, 0.3):
+            gated = uvclab.gate_vit(__import__("copy").deepcopy(model))
+            uvc = UVCPrimalDual(gated, UVCSettings(block_skip=False, **{**SHORT_RUN_UVC}), b, total_steps=a.steps,
+                                latency=table if kind == "latency" else None)
+            for _ in range(a.steps):
+                rec = uvc.step(1e-4, 0, warmup=False)
+            st = select_structure(uvc, 0.02)
+            models[f"{kind}_b{b:g}"] = uvclab.export_model(gated, st)
+            print(kind, b, "R end of search", round(rec["R"], 3), flush=True)
+    rows = timed_rows(models, uvclab.export_model(model, Structure.dense(model)), table, a.batch, a.threads,
+                      rounds=5)
+    for r in rows:
+        kind, b = r["run"].split("_b")
+        dense_macs = uvclab.count(model)["macs"]
+        r.update(kind=kind, budget=float(b), macs_ratio=uvclab.count(models[r["run"]])["macs"] / dense_macs)
+    return pd.DataFrame(rows)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["fm", "deit_small"])
+    p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "latency_budget"))
+    p.add_argument("--macs-runs", default=None, help="the Fashion-MNIST benchmark's run folders (uvc_b0.5_s0, ...)")
+    p.add_argument("--macs-budgets", default="0.2", help="MACs budgets run here (comma-separated)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=200, help="deit_small: counts-only search steps")
+    p.add_argument("--batch", type=int, default=8, help="deit_small: batch the latency is for")
+    p.add_argument("--threads", type=int, default=2, help="deit_small: torch threads when timing")
+    a = p.parse_args(argv)
+    a.macs_budgets = [float(b) for b in a.macs_budgets.split(",") if b]
+    t0 = time.time()
+    df = fashion_mnist(a) if a.part == "fm" else deit_small(a)
+    cmd = "python benchmarks/latency_budget.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = ROOT / "benchmarks" / "results"
+    stem = f"latency_budget_{a.part}"
+    atomic_write_text(res / f"{stem}.csv", df.to_csv(index=False))
+    err = (df.latency_ratio_predicted / df.latency_ratio_measured - 1).abs()
+    note = (f"Generated by `{cmd.strip()}` ({(time.time() - t0) / 60:.1f} min wall on a 2-core CPU shared with "
+            f"other jobs). Predicted vs measured latency ratio: |error| median {err.median():.1%}, "
+            f"max {err.max():.1%}, within 10 %: {(err <= 0.10).sum()} of {len(err)}.")
+    atomic_write_text(res / f"{stem}.md", note + "\n\n" + markdown(df) + "\n")
+    print(note)
+    print(df.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Latency budget: the table's interpolation, its cache, the resource R and the budget_kind path end to end."""
+import json
+from functools import partial
+
+import pytest
+import torch
+
+import uvclab
+from uvclab.engine.config import load_config
+from uvclab.errors import UvclabError
+from uvclab.prune.fit import fit_to_budget
+from uvclab.uvc import UVCPrimalDual, UVCSettings
+from uvclab.vit import latency_build
+from uvclab.vit.latency import LatencyTable
+from uvclab.vit.macs import vit_shape
+
+from conftest import small_vit
+
+TINY = dict(width_points=2, mlp_points=2, qk_points=2, rounds=1, iters=1)  # a table in well under a second
+
+
+def synthetic_table(shape, seed=0) -> LatencyTable:
+    """A table of known random values on the grid of `shape` (no timing)."""
+    g = torch.Generator().manual_seed(seed)
+    heads, widths = list(range(1, shape.num_heads + 1)), [shape.head_dim // 4 * i for i in range(1, 5)]
+    mlp = [shape.mlp_hidden // 4 * i for i in range(1, 5)]
+    key = {k: getattr(shape, k) for k in ("embed_dim", "num_heads", "head_dim", "mlp_hidden", "tokens")}
+    return LatencyTable(key=key, heads=heads, qk_widths=widths, v_widths=widths,
+                        attn_ms=_increasing(torch.rand(len(heads), 4, 4, generator=g)).tolist(), mlp_widths=mlp,
+                        mlp_ms=(torch.rand(4, generator=g) + 1).cumsum(0).tolist(), block_overhead_ms=0.1, fixed_ms=0.5,
+                        dense_ms=10.0)
+
+
+def _increasing(x: torch.Tensor) -> torch.Tensor:
+    """Positive values increasing along every axis (more heads or width costs more)."""
+    for d in range(x.dim()):
+        x = x.cumsum(d)
+    return x + 0.5
+
+
+@pytest.fixture
+def tiny():
+    return small_vit(embed_dim=64, num_heads=4, depth=2)
+
+
+def test_interpolation_is_exact_on_the_grid_and_linear_between(tiny):
+    t = synthetic_table(vit_shape(tiny))
+    T = torch.tensor(t.attn_ms)
+    for i, h in enumerate(t.heads):
+        for j, a in enumerate(t.qk_widths):
+            for k, v in enumerate(t.v_widths):
+                assert t.attn(torch.tensor(float(h)), torch.tensor(float(a)), torch.tensor(float(v))) == T[i, j, k]
+    for i, m in enumerate(t.mlp_widths):
+        assert t.mlp(torch.tensor(float(m))) == t.mlp_ms[i]
+    # a quarter of the way along each axis: the trilinear mix of the 8 corners; along one axis: linear
+    h, a, v = t.heads[1] + 0.25, t.qk_widths[2] + 0.25 * (t.qk_widths[3] - t.qk_widths[2]), float(t.v_widths[0])
+    along_h = 0.75 * T[1, 2, 0] + 0.25 * T[2, 2, 0]
+    along_a = 0.75 * T[1, 2, 0] + 0.25 * T[1, 3, 0]
+    x = t.attn(torch.tensor(h), torch.tensor(float(t.qk_widths[2])), torch.tensor(v))
+    torch.testing.assert_close(x, along_h)
+    torch.testing.assert_close(t.attn(torch.tensor(float(t.heads[1])), torch.tensor(a), torch.tensor(v)), along_a)
+    m = 0.5 * (t.mlp_widths[1] + t.mlp_widths[2])
+    torch.testing.assert_close(t.mlp(torch.tensor(m)), torch.tensor(0.5 * (t.mlp_ms[1] + t.mlp_ms[2])))
+    w0, w1 = t.mlp_widths[1], t.mlp_widths[2]
+    ms = [float(t.mlp(torch.tensor(w0 + f * (w1 - w0)))) for f in (0, .2, .4, .6)]
+    steps = [b - a for a, b in zip(ms, ms[1:])]
+    assert max(steps) - min(steps) < 1e-5   # equal steps: linear
+
+
+def test_structure_prediction_matches_the_state_prediction(tiny):
+    shape = vit_shape(tiny)
+    t = synthetic_table(shape)
+    st = uvclab.Structure.dense(tiny)
+    st.blocks[0].heads, st.blocks[0].mlp = [0, 2], list(range(32))
+    st.blocks[0].qk_dims = [list(range(16))] * 2
+    st.blocks[0].v_dims = [list(range(8))] * 2
+    st.blocks[1].keep = False
+    L, H = shape.depth, shape.num_heads
+    s = torch.tensor([[2.0, shape.mlp_hidden - 32], [0.0, 0.0]])
+    r = torch.tensor([[8.0] * H, [0.0] * H])
+    ms = t.expected_latency(shape, s[:, 0], s[:, 1], r, torch.tensor([[1.0, 0, 1, 0], [1] * 4]),
+                            block_gate=torch.tensor([1.0, 0.0]))
+    assert float(ms) == pytest.approx(t.structure_ms(st))
+    assert t.structure_ms(uvclab.Structure.dense(tiny)) == pytest.approx(t.predicted_dense_ms(L))
+
+
+def test_gradients_reach_the_counts(tiny):
+    gated = uvclab.gate_vit(tiny)
+    t = synthetic_table(vit_shape(gated))
+    uvc = UVCPrimalDual(gated, UVCSettings(block_skip=False), 0.5, latency=t)
+    s = torch.tensor([[1.0, 100.0], [2.0, 40.0]], requires_grad=True)
+    r = torch.full((2, 4), 4.0, requires_grad=True)
+    R = uvc.expected_macs_ratio(s, r, uvc.scores()[1])
+    R.backward()
+    assert s.grad is not None and (s.grad != 0).all() and (r.grad != 0).any()
+    assert uvc.step(1e-3, 0, warmup=False)["budget_kind"] == "latency"
+
+
+def test_table_cache_keys_and_invalidation(tiny, tmp_path, monkeypatch):
+    t = latency_build.latency_table(tiny, batch_size=2, threads=1, folder=tmp_path, progress=False, **TINY)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and t.key["batch_size"] == 2 and t.key["threads"] == 1
+    assert t.key["tokens"] == vit_shape(tiny).tokens and t.key["torch"] == torch.__version__
+    assert all(x > 0 for x in t.mlp_ms) and t.fixed_ms > 0 and t.build_seconds > 0
+
+    def no_build(*a, **k):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(latency_build, "build_table", no_build)
+    again = latency_build.latency_table(tiny, batch_size=2, threads=1, folder=tmp_path, progress=False, **TINY)
+    assert again.key == t.key and again.mlp_ms == t.mlp_ms
+    with pytest.raises(AssertionError):  # another batch size is another table
+        latency_build.latency_table(tiny, batch_size=3, threads=1, folder=tmp_path, progress=False, **TINY)
+    monkeypatch.undo()
+    d = json.loads(files[0].read_text())
+    d["key"]["torch"] = "0.0"  # a table measured under another torch is measured again
+    files[0].write_text(json.dumps(d))
+    t2 = latency_build.latency_table(tiny, batch_size=2, threads=1, folder=tmp_path, progress=False, **TINY)
+    assert t2.key["torch"] == torch.__version__
+    files[0].write_text("{not json")  # corrupt: measured again
+    assert latency_build.latency_table(tiny, batch_size=2, threads=1, folder=tmp_path, progress=False, **TINY).mlp_ms
+    with pytest.raises(UvclabError, match="does not fit"):
+        t2.check_shape(vit_shape(small_vit(embed_dim=32, num_heads=4, depth=2)))
+
+
+def test_fit_to_budget_fits_the_predicted_latency(tiny):
+    shape = vit_shape(tiny)
+    t = synthetic_table(shape)
+    dense = t.predicted_dense_ms(shape.depth)
+    g = torch.Generator().manual_seed(1)
+    heads, neurons = torch.rand(2, 4, generator=g), torch.rand(2, shape.mlp_hidden, generator=g)
+    st = fit_to_budget(shape, uvclab.Structure.dense(tiny), heads, neurons, dense, 0.6, 0.05,
+                       block_cost=t.block_ms, fixed_cost=t.fixed_ms)
+    assert 0.55 * dense <= t.structure_ms(st) <= 0.6 * dense
+
+
+def test_budget_config_keys():
+    assert load_config(overrides=["budget=0.3"]).macs_ratio == 0.3
+    assert load_config(overrides=["budget_kind=latency"]).budget_kind == "latency"
+    for bad, msg in ((["budget_kind=ms"], "budget_kind"), (["budget=0.3", "macs_ratio=0.4"], "disagree"),
+                     (["budget_kind=latency", "method=magnitude"], "method=uvc")):
+        with pytest.raises(UvclabError, match=msg):
+            load_config(overrides=bad)
+
+
+@pytest.mark.slow
+def test_latency_budget_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("UVCLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(latency_build, "latency_table", partial(latency_build.latency_table, **TINY))
+    cfg = load_config(overrides=["budget_kind=latency", "budget=0.6", "latency_batch_size=4", "latency_threads=1",
+                                 "warmup_epochs=0", "search_epochs=1", "finetune_epochs=1", "max_steps_per_epoch=3",
+                                 "progress=false", "budget_slack=0.1"])
+    rep = uvclab.compress(cfg, tmp_path / "run")
+    assert rep["budget_kind"] == "latency" and 0.5 <= rep["latency_ratio_predicted"] <= 0.6
+    assert rep["search_end_latency_ratio"] > 0 and 0 < rep["search_end_macs_ratio"] <= 1  # a noisy table can put R > 1
+    for k in ("latency_ratio_measured", "latency_ms", "dense_latency_ms", "latency_ms_predicted"):
+        assert rep[k] > 0
+    assert list((tmp_path / "cache" / "latency").glob("*.json"))
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("expected_latency_ratio" in r for r in log)
+
+
+def test_cli_builds_then_reads_the_cached_table(tmp_path, monkeypatch, capsys):
+    from uvclab.ui.cli import main
+    monkeypatch.setenv("UVCLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency_build, "latency_table", partial(latency_build.latency_table, **TINY))
+    args = ["latency-table", "deit_tiny_patch16_224", "--img-size", "32", "--model-arg", "patch_size=16",
+            "--model-arg", "depth=1", "--batch-size", "1", "--threads", "1"]
+    assert main(args + ["--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["key"]["tokens"] == 5 and first["key"]["batch_size"] == 1 and first["build_seconds"] > 0
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "(cached)" in out and "dense predicted" in out
