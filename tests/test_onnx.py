@@ -25,19 +25,23 @@ def _ort_logits(path, x):
     return run_session(ort_session(str(path)), x)
 
 
-@pytest.mark.parametrize("name,layout,batch_size", [
-    ("deit_small_patch16_224", "compact", None),          # v narrower than q/k: explicit-matmul attention
-    pytest.param("deit_small_patch16_224", "fused", 3, marks=pytest.mark.slow),  # padded widths, SDPA; fixed batch
-    pytest.param("deit_tiny_distilled_patch16_224", "compact", None, marks=pytest.mark.slow),  # two heads
-    pytest.param("t2t_vit_7", "compact", None, marks=pytest.mark.slow),  # T2T-ViT stem (TorchScript fallback)
+T2T = dict(img_size=32, depth=4, num_classes=10)
+
+
+@pytest.mark.parametrize("name,layout,batch_size,kw,exporter", [
+    ("deit_small_patch16_224", "compact", None, {}, "dynamo"),     # v narrower than q/k: explicit-matmul attention
+    pytest.param("deit_small_patch16_224", "fused", 3, {}, "dynamo", marks=pytest.mark.slow),  # padded, SDPA; fixed batch
+    pytest.param("deit_tiny_distilled_patch16_224", "compact", None, {}, "dynamo", marks=pytest.mark.slow),  # two heads
+    pytest.param("t2t_vit_7", "compact", None, T2T, "dynamo", marks=pytest.mark.slow),  # Performer T2T stem
+    pytest.param("t2t_vit_7", "compact", None, dict(T2T, tokens_type="transformer"), "torchscript",
+                 marks=pytest.mark.slow),  # Transformer T2T stem: 3-D SDPA, dynamo fails, TorchScript fallback
 ])
-def test_onnx_equals_pytorch_for_each_layout_skip_pattern_and_family(tmp_path, name, layout, batch_size):
-    kw = dict(img_size=32, depth=4, num_classes=10) if name.startswith("t2t") else {}
+def test_onnx_equals_pytorch_for_each_layout_skip_pattern_and_family(tmp_path, name, layout, batch_size, kw, exporter):
     m = uvclab.create_vit(name, **kw).eval() if kw else small_vit(name)
     s = random_structure(m, seed=1)            # pruned heads/dims/neurons, a skipped block, attn and mlp branches
     e = export_model(m, s, layout)
     res = export_onnx(e, tmp_path / "m.onnx", batch_size=batch_size)
-    assert res.max_abs_diff <= 1e-4 and res.exporter == ("torchscript" if kw else "dynamo")
+    assert res.max_abs_diff <= 1e-4 and res.exporter == exporter
     x = torch.randn(batch_size or 5, 3, 32, 32)    # a batch size it was not traced with (dynamic axis)
     with torch.no_grad():
         ref = e(x)

@@ -1,7 +1,7 @@
 """ONNX export of a (dense or exported) ViT, checked with `onnx.checker` and verified in ONNX Runtime.
 
 `to_onnx` traces the model with `torch.onnx.export`: the dynamo exporter first (torch.export + onnxscript),
-the TorchScript exporter where dynamo cannot translate an op (the T2T-ViT stem's 3-D single-head
+the TorchScript exporter where dynamo cannot translate an op (the Transformer T2T stem's 3-D single-head
 attention). The uvclab.json card (model, structure, layout, MACs, accuracy) goes into the ONNX
 `metadata_props`. Before the file is written, ONNX Runtime (CPU provider) runs it on the given images and
 its output must equal PyTorch's within `atol`; a mismatch writes nothing. onnx / onnxruntime / onnxscript
