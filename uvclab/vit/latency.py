@@ -8,14 +8,16 @@ fixed part (stem, tokens, final norm, head). Between grid points the table is pi
 (trilinear for attention): that is the predicted latency (R's value). Its gradient, the price of one more group,
 comes from a smooth fit of the same grid (attention ~ c0 + c1 h + c2 h a + c3 h v, MLP ~ d0 + d1 m, non-negative
 least squares): a measured grid is noisy, and a flat or falling segment would make a group look free to keep
-forever. The measurements and the cache live in `uvclab.vit.latency_build`.
+forever. A calibration fitted on whole exported models corrects the sum of the parts: a running block costs
+scale x (its parts) + block_ms (`fit_calibration`; identity until fitted). The measurements and the cache live
+in `uvclab.vit.latency_build`.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -23,7 +25,7 @@ from uvclab.errors import UvclabError
 from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, VitShape, head_widths
 from uvclab.vit.structure import BlockStructure, Structure
 
-FORMAT = 2  # bump when the measured quantities change: older cached tables are rebuilt
+FORMAT = 3  # bump when the measured quantities change: older cached tables are rebuilt
 
 
 @dataclass
@@ -39,6 +41,8 @@ class LatencyTable:
     fixed_ms: float              # the model without blocks: stem, tokens, final norm, head
     dense_ms: float              # the whole dense model, measured (compare with predicted_dense_ms)
     build_seconds: float = 0.0
+    # whole-model correction of a running block: scale x (attn + mlp + overhead) + block_ms (`fit_calibration`)
+    calibration: dict = field(default_factory=lambda: {"scale": 1.0, "block_ms": 0.0})
 
     # ---- (de)serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -143,7 +147,8 @@ class LatencyTable:
             attn = attn * attn_gate
         if mlp_gate is not None:
             mlp = mlp * mlp_gate
-        per_block = attn + mlp + self.block_overhead_ms
+        k, c = self._calib()
+        per_block = k * (attn + mlp + self.block_overhead_ms) + c
         if block_gate is not None:
             per_block = per_block * block_gate
         return self.fixed_ms + per_block.sum()
@@ -163,7 +168,8 @@ class LatencyTable:
                 ms += float(self.attn(*(torch.tensor(float(x)) for x in hav)))
             if m:
                 ms += float(self.mlp(torch.tensor(float(m))))
-            memo[hav, m] = ms
+            k, c = self._calib()
+            memo[hav, m] = k * ms + c
         return memo[hav, m]
 
     def structure_ms(self, structure: Structure, layout: Layout = DEFAULT_LAYOUT) -> float:
@@ -173,7 +179,44 @@ class LatencyTable:
     def predicted_dense_ms(self, depth: int) -> float:
         H, Dh, M = self.heads[-1], self.qk_widths[-1], self.mlp_widths[-1]
         full = float(self.attn(torch.tensor(float(H)), torch.tensor(float(Dh)), torch.tensor(float(Dh))))
-        return self.fixed_ms + depth * (full + float(self.mlp(torch.tensor(float(M)))) + self.block_overhead_ms)
+        k, c = self._calib()
+        return self.fixed_ms + depth * (k * (full + float(self.mlp(torch.tensor(float(M)))) + self.block_overhead_ms) + c)
+
+    def _calib(self) -> tuple[float, float]:
+        return float(self.calibration.get("scale", 1.0)), float(self.calibration.get("block_ms", 0.0))
+
+    def parts_ms(self, structure: Structure, layout: Layout = DEFAULT_LAYOUT) -> tuple[float, int]:
+        """(sum over running blocks of the uncalibrated table's block ms, number of running blocks)."""
+        saved, self.calibration = self.calibration, {"scale": 1.0, "block_ms": 0.0}
+        self.__dict__.pop("_memo", None)
+        try:
+            run = [b for b in structure.blocks if b.keep and (b.runs_attn or b.runs_mlp)]
+            return sum(self.block_ms(b, layout) for b in run), len(run)
+        finally:
+            self.calibration = saved
+            self.__dict__.pop("_memo", None)
+
+
+def fit_calibration(table: LatencyTable, dense: Structure, dense_ms: float, structures: Sequence[Structure],
+                    measured_ms: Sequence[float], layout: Layout = DEFAULT_LAYOUT) -> dict:
+    """The calibration (scale, block_ms) that makes the table's latency ratios fit whole exported models.
+
+    `measured_ms`: whole exports of `structures`, timed with the dense model (`dense_ms`) in alternating rounds.
+    One parameter is fitted on the ratios to dense, u = block_ms / scale, a constant per running block (what
+    the ratios are sensitive to and a noisy overhead estimate gets wrong), by robust least squares on relative
+    errors (soft L1: one disturbed timing does not pull it far), bounded to -0.5..+1 dense block; the scale then
+    makes the dense prediction equal the measured dense model."""
+    import numpy as np
+    from scipy.optimize import least_squares
+    if len(structures) != len(measured_ms) or not structures:
+        raise UvclabError("fit_calibration needs at least one structure and one measured time for each.")
+    (Pd, nd), X = table.parts_ms(dense, layout), np.array([table.parts_ms(s, layout) for s in structures], float)
+    r, F, block = np.asarray(measured_ms, float) / dense_ms, table.fixed_ms, Pd / max(nd, 1)
+    err = lambda u: (F + X[:, 0] + u[0] * X[:, 1]) / (F + Pd + u[0] * nd) / r - 1  # noqa: E731
+    u = float(least_squares(err, [0.0], loss="soft_l1", f_scale=0.05, bounds=([-0.5 * block], [block])).x[0])
+    k = (dense_ms - F) / (Pd + u * nd)
+    return {"scale": float(k), "block_ms": float(k * u), "ratios_measured": r.tolist(),
+            "errors_before": err([0.0]).tolist(), "errors_after": err([u]).tolist()}
 
 
 def _segment(grid: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,10 @@ group of points is timed with the dense block as a reference and rescaled to the
 attention grid is heads x q/k width x v width, the MLP grid widths; the fixed parts (the model without
 blocks: stem, head) is measured, the per-block overhead is the dense block minus its two branches (timed
 together in one group), and the
-whole dense model is measured for comparison (`dense_ms`; a long call on a loaded machine is stretched by the
+whole dense model and `calibrate` exported models of random structures (`calibration_structures`, spanning
+the budget range) are timed with the last group and fit the table's calibration (`fit_calibration`): the
+parts, each timed in a chain of copies of itself, under-predicted pruned models by ~15 % on some builds (see
+the README). The whole dense model is measured for comparison (`dense_ms`; a long call on a loaded machine is stretched by the
 other processes where the short calls of the grid mostly are not, so ratios, not absolute ms, are what
 carry over). `latency_table` returns the
 cached table when its key matches (device, torch version, threads, batch, tokens, widths, grid, format) and
@@ -22,6 +25,7 @@ import hashlib
 import math
 import json
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,7 +36,7 @@ from torch import nn
 from uvclab.errors import UvclabError
 from uvclab.paths import cache_dir
 from uvclab.vit.export import SlimBlock, _slim_block, export_model
-from uvclab.vit.latency import FORMAT, LatencyTable
+from uvclab.vit.latency import FORMAT, LatencyTable, fit_calibration
 from uvclab.vit.macs import vit_shape
 from uvclab.vit.models import input_shape
 from uvclab.vit.structure import BlockStructure, Structure
@@ -65,6 +69,26 @@ def table_grid(model: nn.Module, width_points: int = 8, mlp_points: int = 16, qk
     mlp = sorted(set(_widths(s.mlp_hidden, mlp_points)) | {max(1, s.mlp_hidden // 64)})
     return {"heads": heads, "qk_widths": _widths(s.head_dim, qk_points), "v_widths": _widths(s.head_dim, width_points),
             "mlp_widths": mlp}
+
+
+def calibration_structures(model: nn.Module, k: int, grid: dict, seed: int = 0) -> list[Structure]:
+    """`k` random structures from about 0.15 to 0.9 of the dense model, as a budgeted search leaves them: kept
+    heads, v widths on the grid, MLP widths anywhere, a few blocks or branches skipped."""
+    rng, s = random.Random(seed), vit_shape(model)
+    out = []
+    for i in range(k):
+        f = 0.15 + 0.75 * i / max(k - 1, 1)
+        st = Structure.dense(model)
+        for b in st.blocks:
+            u = lambda: min(1.0, max(0.0, rng.uniform(f - 0.25, f + 0.25)))  # noqa: E731
+            h = max(1, round(s.num_heads * u()))
+            v = min(grid["v_widths"], key=lambda w: abs(w - s.head_dim * u()))
+            b.heads, b.qk_dims, b.v_dims = list(range(h)), [list(range(s.head_dim))] * h, [list(range(v))] * h
+            b.mlp = list(range(max(1, round(s.mlp_hidden * u()))))
+            b.keep = rng.random() > 0.3 * (1 - f)
+            b.attn, b.mlp_branch = rng.random() > 0.1 * (1 - f), rng.random() > 0.05 * (1 - f)
+        out.append(st)
+    return out
 
 
 def table_key(model: nn.Module, batch_size: int, threads: int, device: str, grid: dict) -> dict:
@@ -152,7 +176,7 @@ def _chain(block: nn.Module, x: torch.Tensor, depth: int, min_ms: float = 20.0) 
 
 def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] = None, device: str = "cpu",
                 rounds: int = 5, iters: int = 1, width_points: int = 8, mlp_points: int = 16, qk_points: int = 4,
-                progress: bool = True) -> LatencyTable:
+                calibrate: int = 8, progress: bool = True) -> LatencyTable:
     """Measure the latency table of `model`'s shape (any timm ViT uvclab supports) on `device`."""
     from tqdm.auto import tqdm
     if batch_size < 1 or rounds < 1 or iters < 1:
@@ -171,12 +195,13 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         for b in no_blocks.blocks:
             b.keep = False
         base = copy.deepcopy(model).float().eval()
-        wholes = [export_model(base, no_blocks).to(device), export_model(base, dense_struct).to(device)]
+        calib = calibration_structures(model, calibrate, grid) if calibrate >= 1 else []
+        wholes = [export_model(base, st).to(device) for st in [no_blocks, dense_struct] + calib]
         img = torch.randn(batch_size, *input_shape(model), device=device)
         with torch.inference_mode():
             d = wholes[1]  # the middle block's real input activations (B, N, D)
             x = d.blocks[:s.depth // 2](d.norm_pre(d._pos_embed(d.patch_embed(img))))
-        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 6)
+        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 1) + (max(rounds, 15) if calib else rounds) * (5 + len(calib))
         bar = tqdm(total=n_calls, desc=f"latency table ({key['model']}, batch {batch_size}, {threads} thr)",
                    disable=not progress, unit="t")
 
@@ -196,9 +221,10 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         a_only, m_only = (_branch_block(model, s.num_heads, s.head_dim, s.head_dim).to(device),
                           _branch_block(model, m=s.mlp_hidden).to(device))
         a_only, m_only = _chain(a_only, x, s.depth), _chain(m_only, x, s.depth)
-        fixed_ms, dense_ms, ref_ms, a_ms, m_ms = time_calls(
-            [lambda: wholes[0](img), lambda: wholes[1](img), lambda: ref(x), lambda: a_only(x), lambda: m_only(x)],
-            rounds, iters, device=device, progress=bar.update)
+        fixed_ms, dense_ms, ref_ms, a_ms, m_ms, *calib_ms = time_calls(
+            [lambda: wholes[0](img), lambda: wholes[1](img), lambda: ref(x), lambda: a_only(x), lambda: m_only(x)]
+            + [lambda w=w: w(img) for w in wholes[2:]], max(rounds, 15) if calib else rounds, iters, device=device,
+            progress=bar.update)
         ref_ms, a_ms, m_ms = ref_ms / len(ref), a_ms / len(a_only), m_ms / len(m_only)
         bar.close()
         # each group at the load of the last one: times x (reference now / reference then) removes slow drifts
@@ -208,11 +234,13 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         torch.set_num_threads(saved_threads)
     nq, nv = len(grid["qk_widths"]), len(grid["v_widths"])
     cube = [[attn_ms[(i * nq + j) * nv:(i * nq + j + 1) * nv] for j in range(nq)] for i in range(len(grid["heads"]))]
-    return LatencyTable(key=key, heads=grid["heads"], qk_widths=grid["qk_widths"], v_widths=grid["v_widths"],
-                        attn_ms=cube, mlp_widths=grid["mlp_widths"], mlp_ms=mlp_ms,
-                        block_overhead_ms=ref_ms - a_ms - m_ms,
-                        fixed_ms=fixed_ms, dense_ms=dense_ms,
-                        build_seconds=time.time() - t0)
+    table = LatencyTable(key=key, heads=grid["heads"], qk_widths=grid["qk_widths"], v_widths=grid["v_widths"],
+                         attn_ms=cube, mlp_widths=grid["mlp_widths"], mlp_ms=mlp_ms,
+                         block_overhead_ms=ref_ms - a_ms - m_ms, fixed_ms=fixed_ms, dense_ms=dense_ms)
+    if calib:
+        table.calibration = fit_calibration(table, dense_struct, dense_ms, calib, calib_ms)
+    table.build_seconds = time.time() - t0
+    return table
 
 
 def latency_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] = None, device: str = "cpu",
