@@ -11,7 +11,7 @@ from uvclab.errors import UvclabError
 from uvclab.prune.fit import fit_to_budget
 from uvclab.uvc import UVCPrimalDual, UVCSettings
 from uvclab.vit import latency_build
-from uvclab.vit.latency import LatencyTable
+from uvclab.vit.latency import LatencyTable, fit_calibration
 from uvclab.vit.macs import vit_shape
 
 from conftest import small_vit
@@ -82,6 +82,57 @@ def test_structure_prediction_matches_the_state_prediction(tiny):
                             block_gate=torch.tensor([1.0, 0.0]))
     assert float(ms) == pytest.approx(t.structure_ms(st))
     assert t.structure_ms(uvclab.Structure.dense(tiny)) == pytest.approx(t.predicted_dense_ms(L))
+
+
+def test_calibration_recovers_a_per_block_cost_the_parts_miss():
+    model = small_vit(embed_dim=64, num_heads=4, depth=8)
+    shape = vit_shape(model)
+    t = synthetic_table(shape)
+    structs = latency_build.calibration_structures(model, 6, {"v_widths": t.v_widths}, seed=3)
+    dense = uvclab.Structure.dense(model)
+    assert len({t.parts_ms(s)[1] for s in structs}) > 1  # the number of running blocks varies
+    ratios = [t.structure_ms(s) / t.predicted_dense_ms(shape.depth) for s in structs]
+    assert min(ratios) < 0.3 and max(ratios) > 0.6  # the structures span the budget range
+
+    # injected whole-model timings: each running block costs 0.8 ms more than its parts, all 1.5x slower
+    def whole(s):
+        parts, n = t.parts_ms(s)
+        return 1.5 * (t.fixed_ms + parts + 0.8 * n)
+    before = [t.structure_ms(s) / t.predicted_dense_ms(shape.depth) / (whole(s) / whole(dense)) - 1 for s in structs]
+    assert max(before) < 0 and min(before) < -0.1  # the uncalibrated table under-predicts the pruned models
+    cal = fit_calibration(t, dense, whole(dense), structs, [whole(s) for s in structs])
+    assert cal["block_ms"] / cal["scale"] == pytest.approx(0.8, rel=0.1)
+    t.calibration = cal
+    t.__dict__.pop("_memo", None)
+    assert t.predicted_dense_ms(shape.depth) == pytest.approx(whole(dense))
+    for s in structs:  # now the ratios to dense agree (the fixed part is not rescaled: ~1 % left)
+        assert t.structure_ms(s) / t.predicted_dense_ms(shape.depth) == pytest.approx(whole(s) / whole(dense),
+                                                                                      rel=0.02)
+    # one disturbed timing (+40 %) moves the robust fit little; exact timings of the raw table fit identity
+    times = [whole(s) for s in structs]
+    times[2] *= 1.4
+    assert fit_calibration(t, dense, whole(dense), structs, times)["block_ms"] / cal["block_ms"] == \
+        pytest.approx(1, abs=0.25)
+    t.calibration = {"scale": 1.0, "block_ms": 0.0}
+    t.__dict__.pop("_memo", None)
+    same = fit_calibration(t, dense, t.structure_ms(dense), structs, [t.structure_ms(s) for s in structs])
+    assert same["scale"] == pytest.approx(1, abs=1e-3) and abs(same["block_ms"]) < 1e-3
+    with pytest.raises(UvclabError, match="at least one"):
+        fit_calibration(t, dense, 1.0, structs, [1.0])
+
+
+def test_calibrated_state_prediction_matches_the_structure_prediction(tiny):
+    shape = vit_shape(tiny)
+    t = synthetic_table(shape)
+    t.calibration = {"scale": 1.3, "block_ms": 0.4}
+    st = uvclab.Structure.dense(tiny)
+    st.blocks[1].keep = False
+    none = torch.zeros(shape.depth)
+    ms = t.expected_latency(shape, none, none, torch.zeros(shape.depth, shape.num_heads),
+                            torch.ones(shape.depth, shape.num_heads), block_gate=torch.tensor([1.0, 0.0]))
+    assert float(ms) == pytest.approx(t.structure_ms(st))
+    parts, n = t.parts_ms(st)
+    assert t.structure_ms(st) == pytest.approx(t.fixed_ms + 1.3 * parts + 0.4 * n)
 
 
 def test_gradients_reach_the_counts(tiny):

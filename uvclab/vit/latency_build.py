@@ -113,6 +113,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_clock(device: str | torch.device = "cpu") -> Callable[[], float]:
+    """The clock timings use: on a CPU with one torch thread the calling thread's CPU time (the ops run on it),
+    which the other processes of a shared machine do not stretch (wall time counted their time slices: the
+    same model measured 20-40 % apart from one timing to the next); wall time otherwise."""
+    if torch.device(device).type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
 @torch.inference_mode()
 def time_calls(fns: Sequence[Callable[[], object]], rounds: int = 7, iters: int = 2, warmup: int = 1,
                device: str | torch.device = "cpu", progress: Optional[Callable[[int], None]] = None,
@@ -121,24 +130,25 @@ def time_calls(fns: Sequence[Callable[[], object]], rounds: int = 7, iters: int 
     row (more for fast fns, so that one timing lasts >= min_ms: a loaded machine then stretches short and long
     calls alike); per fn the median over rounds."""
     device = torch.device(device)
+    clock = cpu_clock(device)
     n = []
     for fn in fns:
         for _ in range(warmup):
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-        n.append(max(iters, math.ceil(min_ms / max((time.perf_counter() - t0) * 1000, 1e-3))))
+        n.append(max(iters, math.ceil(min_ms / max((clock() - t0) * 1000, 1e-3))))
     times: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n[i]):
                 fns[i]()
             _sync(device)
-            times[i].append((time.perf_counter() - t0) * 1000 / n[i])
+            times[i].append((clock() - t0) * 1000 / n[i])
             if progress is not None:
                 progress(1)
     return [sorted(t)[len(t) // 2] for t in times]
@@ -201,7 +211,7 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         with torch.inference_mode():
             d = wholes[1]  # the middle block's real input activations (B, N, D)
             x = d.blocks[:s.depth // 2](d.norm_pre(d._pos_embed(d.patch_embed(img))))
-        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 1) + (max(rounds, 15) if calib else rounds) * (5 + len(calib))
+        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 1) + (max(rounds, 11) if calib else rounds) * (5 + len(calib))
         bar = tqdm(total=n_calls, desc=f"latency table ({key['model']}, batch {batch_size}, {threads} thr)",
                    disable=not progress, unit="t")
 
@@ -223,7 +233,7 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         a_only, m_only = _chain(a_only, x, s.depth), _chain(m_only, x, s.depth)
         fixed_ms, dense_ms, ref_ms, a_ms, m_ms, *calib_ms = time_calls(
             [lambda: wholes[0](img), lambda: wholes[1](img), lambda: ref(x), lambda: a_only(x), lambda: m_only(x)]
-            + [lambda w=w: w(img) for w in wholes[2:]], max(rounds, 15) if calib else rounds, iters, device=device,
+            + [lambda w=w: w(img) for w in wholes[2:]], max(rounds, 11) if calib else rounds, max(iters, 2) if calib else iters, device=device,
             progress=bar.update)
         ref_ms, a_ms, m_ms = ref_ms / len(ref), a_ms / len(a_only), m_ms / len(m_only)
         bar.close()
