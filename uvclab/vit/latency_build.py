@@ -8,13 +8,13 @@ short calls dodge the other processes where long ones cannot, and the parts no l
 group of points is timed with the dense block as a reference and rescaled to the last group's load. The
 attention grid is heads x q/k width x v width, the MLP grid widths; the fixed parts (the model without
 blocks: stem, head) is measured, the per-block overhead is the dense block minus its two branches (timed
-together in one group), and the
-whole dense model and `calibrate` exported models of random structures (`calibration_structures`, spanning
-the budget range) are timed with the last group and fit the table's calibration (`fit_calibration`): the
-parts, each timed in a chain of copies of itself, under-predicted pruned models by ~15 % on some builds (see
-the README). The whole dense model is measured for comparison (`dense_ms`; a long call on a loaded machine is stretched by the
+together in one group; clamped at 0: a difference of three noisy timings, it came out at -27 % to +18 % of a
+block from one build to the next, and a negative one made every pruned model look 15-20 % cheaper), and the
+whole dense model is measured for comparison (`dense_ms`; a long call on a loaded machine is stretched by the
 other processes where the short calls of the grid mostly are not, so ratios, not absolute ms, are what
-carry over). `latency_table` returns the
+carry over). With `calibrate` = K, K exported models of random structures (`calibration_structures`,
+spanning the budget range) are timed afterwards with the dense model, on their own, and fit the table's
+calibration (`fit_calibration`; off by default: see the README). `latency_table` returns the
 cached table when its key matches (device, torch version, threads, batch, tokens, widths, grid, format) and
 rebuilds it otherwise. `measure_ms` times whole models the same way (dense vs export in the report).
 """
@@ -186,7 +186,7 @@ def _chain(block: nn.Module, x: torch.Tensor, depth: int, min_ms: float = 20.0) 
 
 def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] = None, device: str = "cpu",
                 rounds: int = 5, iters: int = 1, width_points: int = 8, mlp_points: int = 16, qk_points: int = 4,
-                calibrate: int = 8, progress: bool = True) -> LatencyTable:
+                calibrate: int = 0, progress: bool = True) -> LatencyTable:
     """Measure the latency table of `model`'s shape (any timm ViT uvclab supports) on `device`."""
     from tqdm.auto import tqdm
     if batch_size < 1 or rounds < 1 or iters < 1:
@@ -211,7 +211,7 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         with torch.inference_mode():
             d = wholes[1]  # the middle block's real input activations (B, N, D)
             x = d.blocks[:s.depth // 2](d.norm_pre(d._pos_embed(d.patch_embed(img))))
-        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 1) + (max(rounds, 11) if calib else rounds) * (5 + len(calib))
+        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 6) + 9 * (len(calib) + 1) * bool(calib)
         bar = tqdm(total=n_calls, desc=f"latency table ({key['model']}, batch {batch_size}, {threads} thr)",
                    disable=not progress, unit="t")
 
@@ -231,10 +231,11 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         a_only, m_only = (_branch_block(model, s.num_heads, s.head_dim, s.head_dim).to(device),
                           _branch_block(model, m=s.mlp_hidden).to(device))
         a_only, m_only = _chain(a_only, x, s.depth), _chain(m_only, x, s.depth)
-        fixed_ms, dense_ms, ref_ms, a_ms, m_ms, *calib_ms = time_calls(
-            [lambda: wholes[0](img), lambda: wholes[1](img), lambda: ref(x), lambda: a_only(x), lambda: m_only(x)]
-            + [lambda w=w: w(img) for w in wholes[2:]], max(rounds, 11) if calib else rounds, max(iters, 2) if calib else iters, device=device,
-            progress=bar.update)
+        fixed_ms, dense_ms, ref_ms, a_ms, m_ms = time_calls(
+            [lambda: wholes[0](img), lambda: wholes[1](img), lambda: ref(x), lambda: a_only(x), lambda: m_only(x)],
+            rounds, iters, device=device, progress=bar.update)
+        if calib:  # whole models on their own (timed between the chains above they measured 10-40 % apart)
+            calib_ms = time_calls([lambda w=w: w(img) for w in wholes[1:]], 9, 2, device=device, progress=bar.update)
         ref_ms, a_ms, m_ms = ref_ms / len(ref), a_ms / len(a_only), m_ms / len(m_only)
         bar.close()
         # each group at the load of the last one: times x (reference now / reference then) removes slow drifts
@@ -246,9 +247,9 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
     cube = [[attn_ms[(i * nq + j) * nv:(i * nq + j + 1) * nv] for j in range(nq)] for i in range(len(grid["heads"]))]
     table = LatencyTable(key=key, heads=grid["heads"], qk_widths=grid["qk_widths"], v_widths=grid["v_widths"],
                          attn_ms=cube, mlp_widths=grid["mlp_widths"], mlp_ms=mlp_ms,
-                         block_overhead_ms=ref_ms - a_ms - m_ms, fixed_ms=fixed_ms, dense_ms=dense_ms)
+                         block_overhead_ms=max(0.0, ref_ms - a_ms - m_ms), fixed_ms=fixed_ms, dense_ms=dense_ms)
     if calib:
-        table.calibration = fit_calibration(table, dense_struct, dense_ms, calib, calib_ms)
+        table.calibration = fit_calibration(table, dense_struct, calib_ms[0], calib, calib_ms[1:])
     table.build_seconds = time.time() - t0
     return table
 
