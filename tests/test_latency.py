@@ -121,6 +121,16 @@ def test_calibration_recovers_a_per_block_cost_the_parts_miss():
         fit_calibration(t, dense, 1.0, structs, [1.0])
 
 
+def test_build_with_calibration(tiny):
+    t = latency_build.build_table(tiny, batch_size=2, threads=1, progress=False, calibrate=3, **TINY)
+    cal = t.calibration
+    assert cal["scale"] > 0 and len(cal["ratios_measured"]) == 3 and t.block_overhead_ms >= 0
+    assert all(r > 0 for r in cal["ratios_measured"])
+    assert t.predicted_dense_ms(2) == pytest.approx(t.fixed_ms + 2 * (cal["scale"] * t.parts_ms(
+        uvclab.Structure.dense(tiny))[0] / 2 + cal["block_ms"]))
+    assert LatencyTable.from_dict(json.loads(json.dumps(t.to_dict()))).calibration == cal
+
+
 def test_calibrated_state_prediction_matches_the_structure_prediction(tiny):
     shape = vit_shape(tiny)
     t = synthetic_table(shape)

@@ -180,7 +180,8 @@ class LatencyTable:
         H, Dh, M = self.heads[-1], self.qk_widths[-1], self.mlp_widths[-1]
         full = float(self.attn(torch.tensor(float(H)), torch.tensor(float(Dh)), torch.tensor(float(Dh))))
         k, c = self._calib()
-        return self.fixed_ms + depth * (k * (full + float(self.mlp(torch.tensor(float(M)))) + self.block_overhead_ms) + c)
+        block = full + float(self.mlp(torch.tensor(float(M)))) + self.block_overhead_ms
+        return self.fixed_ms + depth * (k * block + c)
 
     def _calib(self) -> tuple[float, float]:
         return float(self.calibration.get("scale", 1.0)), float(self.calibration.get("block_ms", 0.0))

@@ -211,7 +211,8 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         with torch.inference_mode():
             d = wholes[1]  # the middle block's real input activations (B, N, D)
             x = d.blocks[:s.depth // 2](d.norm_pre(d._pos_embed(d.patch_embed(img))))
-        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 6) + 9 * (len(calib) + 1) * bool(calib)
+        n_calls = (rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 6)
+                   + 9 * (len(calib) + 1) * bool(calib))
         bar = tqdm(total=n_calls, desc=f"latency table ({key['model']}, batch {batch_size}, {threads} thr)",
                    disable=not progress, unit="t")
 
