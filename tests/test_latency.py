@@ -16,7 +16,7 @@ from uvclab.vit.macs import vit_shape
 
 from conftest import small_vit
 
-TINY = dict(width_points=2, mlp_points=2, qk_points=2, rounds=1, iters=1)  # a table in well under a second
+TINY = dict(width_points=2, mlp_points=2, qk_points=2, rounds=1, iters=1, calibrate=0)  # a table in well under a second
 
 
 def synthetic_table(shape, seed=0) -> LatencyTable:
@@ -122,7 +122,7 @@ def test_calibration_recovers_a_per_block_cost_the_parts_miss():
 
 
 def test_build_with_calibration(tiny):
-    t = latency_build.build_table(tiny, batch_size=2, threads=1, progress=False, calibrate=3, **TINY)
+    t = latency_build.build_table(tiny, batch_size=2, threads=1, progress=False, **{**TINY, "calibrate": 3})
     cal = t.calibration
     assert cal["scale"] > 0 and len(cal["ratios_measured"]) == 3 and t.block_overhead_ms >= 0
     assert all(r > 0 for r in cal["ratios_measured"])

@@ -14,7 +14,7 @@ whole dense model is measured for comparison (`dense_ms`; a long call on a loade
 other processes where the short calls of the grid mostly are not, so ratios, not absolute ms, are what
 carry over). With `calibrate` = K, K exported models of random structures (`calibration_structures`,
 spanning the budget range) are timed afterwards with the dense model, on their own, and fit the table's
-calibration (`fit_calibration`; off by default: see the README). `latency_table` returns the
+calibration (`fit_calibration`, a constant per running block that the parts miss). `latency_table` returns the
 cached table when its key matches (device, torch version, threads, batch, tokens, widths, grid, format) and
 rebuilds it otherwise. `measure_ms` times whole models the same way (dense vs export in the report).
 """
@@ -186,7 +186,7 @@ def _chain(block: nn.Module, x: torch.Tensor, depth: int, min_ms: float = 20.0) 
 
 def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] = None, device: str = "cpu",
                 rounds: int = 5, iters: int = 1, width_points: int = 8, mlp_points: int = 16, qk_points: int = 4,
-                calibrate: int = 0, progress: bool = True) -> LatencyTable:
+                calibrate: int = 8, progress: bool = True) -> LatencyTable:
     """Measure the latency table of `model`'s shape (any timm ViT uvclab supports) on `device`."""
     from tqdm.auto import tqdm
     if batch_size < 1 or rounds < 1 or iters < 1:
