@@ -198,26 +198,26 @@ class LatencyTable:
             self.__dict__.pop("_memo", None)
 
 
-def fit_calibration(table: LatencyTable, dense: Structure, dense_ms: float, structures: Sequence[Structure],
-                    measured_ms: Sequence[float], layout: Layout = DEFAULT_LAYOUT) -> dict:
-    """The calibration (scale, block_ms) that makes the table's latency ratios fit whole exported models.
+def fit_calibration(table: LatencyTable, structures: Sequence[Structure], measured_ms: Sequence[float],
+                    layout: Layout = DEFAULT_LAYOUT) -> dict:
+    """The calibration (scale, block_ms) that makes fixed + sum(scale x parts + block_ms) fit whole models.
 
-    `measured_ms`: whole exports of `structures`, timed with the dense model (`dense_ms`) in alternating rounds.
-    One parameter is fitted on the ratios to dense, u = block_ms / scale, a constant per running block (what
-    the ratios are sensitive to and a noisy overhead estimate gets wrong), by robust least squares on relative
-    errors (soft L1: one disturbed timing does not pull it far), bounded to -0.5..+1 dense block; the scale then
-    makes the dense prediction equal the measured dense model."""
+    `measured_ms`: whole exports of `structures` (the dense one among them), timed together in alternating
+    rounds. Every model is one point (a ratio to one dense timing would carry that timing's noise into every
+    point: one session's ratios were 10-15 % off the next one's); robust least squares (soft L1) on relative
+    errors, scale bounded to 0.5..2 and block_ms to -0.5..+1 dense block, so that a disturbed timing cannot
+    pull it far."""
     import numpy as np
     from scipy.optimize import least_squares
-    if len(structures) != len(measured_ms) or not structures:
-        raise UvclabError("fit_calibration needs at least one structure and one measured time for each.")
-    (Pd, nd), X = table.parts_ms(dense, layout), np.array([table.parts_ms(s, layout) for s in structures], float)
-    r, F, block = np.asarray(measured_ms, float) / dense_ms, table.fixed_ms, Pd / max(nd, 1)
-    err = lambda u: (F + X[:, 0] + u[0] * X[:, 1]) / (F + Pd + u[0] * nd) / r - 1  # noqa: E731
-    u = float(least_squares(err, [0.0], loss="soft_l1", f_scale=0.05, bounds=([-0.5 * block], [block])).x[0])
-    k = (dense_ms - F) / (Pd + u * nd)
-    return {"scale": float(k), "block_ms": float(k * u), "ratios_measured": r.tolist(),
-            "errors_before": err([0.0]).tolist(), "errors_after": err([u]).tolist()}
+    if len(structures) != len(measured_ms) or len(structures) < 3:
+        raise UvclabError("fit_calibration needs at least three structures, each with one measured time.")
+    X, m = np.array([table.parts_ms(s, layout) for s in structures], float), np.asarray(measured_ms, float)
+    block = max(X[:, 0].max() / max(X[:, 1].max(), 1), 1e-6)
+    err = lambda p: (table.fixed_ms + X @ p) / m - 1  # noqa: E731
+    p = least_squares(err, [1.0, 0.0], loss="soft_l1", f_scale=0.05,
+                      bounds=([0.5, -0.5 * block], [2.0, block])).x
+    return {"scale": float(p[0]), "block_ms": float(p[1]), "measured_ms": m.tolist(),
+            "errors_before": err([1.0, 0.0]).tolist(), "errors_after": err(p).tolist()}
 
 
 def _segment(grid: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -250,7 +250,7 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
                          attn_ms=cube, mlp_widths=grid["mlp_widths"], mlp_ms=mlp_ms,
                          block_overhead_ms=max(0.0, ref_ms - a_ms - m_ms), fixed_ms=fixed_ms, dense_ms=dense_ms)
     if calib:
-        table.calibration = fit_calibration(table, dense_struct, calib_ms[0], calib, calib_ms[1:])
+        table.calibration = fit_calibration(table, [dense_struct] + calib, calib_ms)
     table.build_seconds = time.time() - t0
     return table
 
