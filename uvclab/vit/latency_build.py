@@ -113,15 +113,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_clock(device: str | torch.device = "cpu") -> Callable[[], float]:
-    """The clock timings use: on a CPU with one torch thread the calling thread's CPU time (the ops run on it),
-    which the other processes of a shared machine do not stretch (wall time counted their time slices: the
-    same model measured 20-40 % apart from one timing to the next); wall time otherwise."""
-    if torch.device(device).type == "cpu" and torch.get_num_threads() == 1:
-        return time.thread_time
-    return time.perf_counter
-
-
 @torch.inference_mode()
 def time_calls(fns: Sequence[Callable[[], object]], rounds: int = 7, iters: int = 2, warmup: int = 1,
                device: str | torch.device = "cpu", progress: Optional[Callable[[int], None]] = None,
@@ -130,7 +121,7 @@ def time_calls(fns: Sequence[Callable[[], object]], rounds: int = 7, iters: int 
     row (more for fast fns, so that one timing lasts >= min_ms: a loaded machine then stretches short and long
     calls alike); per fn the median over rounds."""
     device = torch.device(device)
-    clock = cpu_clock(device)
+    clock = time.perf_counter
     n = []
     for fn in fns:
         for _ in range(warmup):
