@@ -130,6 +130,8 @@ def test_build_with_calibration(tiny):
     assert t.predicted_dense_ms(2) == pytest.approx(t.fixed_ms + 2 * (cal["scale"] * t.parts_ms(
         uvclab.Structure.dense(tiny))[0] / 2 + cal["block_ms"]))
     assert LatencyTable.from_dict(json.loads(json.dumps(t.to_dict()))).calibration == cal
+    assert t.key["calibrate"] == 3  # a calibrated table is cached apart from the plain one
+    assert "calibrate" not in latency_build.table_key(tiny, 2, 1, "cpu", latency_build.table_grid(tiny, 2, 2, 2))
 
 
 def test_calibrated_state_prediction_matches_the_structure_prediction(tiny):

@@ -25,7 +25,7 @@ from uvclab.errors import UvclabError
 from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, VitShape, head_widths
 from uvclab.vit.structure import BlockStructure, Structure
 
-FORMAT = 3  # bump when the measured quantities change: older cached tables are rebuilt
+FORMAT = 4  # bump when the measured quantities change: older cached tables are rebuilt
 
 
 @dataclass
