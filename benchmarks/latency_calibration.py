@@ -31,7 +31,7 @@ def held_out(model, batch: int, n: int, seed: int, rounds: int) -> list[dict]:
     from uvclab.vit.export import export_model
     from uvclab.vit.latency_build import build_table, calibration_structures, measure_ms, table_grid
     from uvclab.vit.structure import Structure
-    t = build_table(model, batch, 1, progress=False)
+    t = build_table(model, batch, 1, progress=False, calibrate=8)
     raw = copy.deepcopy(t)
     raw.calibration = {"scale": 1.0, "block_ms": 0.0}
     structs = calibration_structures(model, n, table_grid(model), seed=seed)
