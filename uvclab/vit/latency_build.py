@@ -124,25 +124,24 @@ def time_calls(fns: Sequence[Callable[[], object]], rounds: int = 7, iters: int 
     row (more for fast fns, so that one timing lasts >= min_ms: a loaded machine then stretches short and long
     calls alike); per fn the median over rounds."""
     device = torch.device(device)
-    clock = time.perf_counter
     n = []
     for fn in fns:
         for _ in range(warmup):
             _sync(device)
-            t0 = clock()
+            t0 = time.perf_counter()
             fn()
             _sync(device)
-        n.append(max(iters, math.ceil(min_ms / max((clock() - t0) * 1000, 1e-3))))
+        n.append(max(iters, math.ceil(min_ms / max((time.perf_counter() - t0) * 1000, 1e-3))))
     times: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             _sync(device)
-            t0 = clock()
+            t0 = time.perf_counter()
             for _ in range(n[i]):
                 fns[i]()
             _sync(device)
-            times[i].append((clock() - t0) * 1000 / n[i])
+            times[i].append((time.perf_counter() - t0) * 1000 / n[i])
             if progress is not None:
                 progress(1)
     return [sorted(t)[len(t) // 2] for t in times]
