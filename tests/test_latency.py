@@ -11,12 +11,12 @@ from uvclab.errors import UvclabError
 from uvclab.prune.fit import fit_to_budget
 from uvclab.uvc import UVCPrimalDual, UVCSettings
 from uvclab.vit import latency_build
-from uvclab.vit.latency import LatencyTable
+from uvclab.vit.latency import LatencyTable, fit_calibration
 from uvclab.vit.macs import vit_shape
 
 from conftest import small_vit
 
-TINY = dict(width_points=2, mlp_points=2, qk_points=2, rounds=1, iters=1)  # a table in well under a second
+TINY = dict(width_points=2, mlp_points=2, qk_points=2, rounds=1, iters=1, calibrate=0)  # a table in well under a second
 
 
 def synthetic_table(shape, seed=0) -> LatencyTable:
@@ -82,6 +82,70 @@ def test_structure_prediction_matches_the_state_prediction(tiny):
                             block_gate=torch.tensor([1.0, 0.0]))
     assert float(ms) == pytest.approx(t.structure_ms(st))
     assert t.structure_ms(uvclab.Structure.dense(tiny)) == pytest.approx(t.predicted_dense_ms(L))
+
+
+def test_calibration_recovers_a_per_block_cost_the_parts_miss():
+    model = small_vit(embed_dim=64, num_heads=4, depth=8)
+    shape = vit_shape(model)
+    t = synthetic_table(shape)
+    structs = latency_build.calibration_structures(model, 6, {"v_widths": t.v_widths}, seed=3)
+    dense = uvclab.Structure.dense(model)
+    assert len({t.parts_ms(s)[1] for s in structs}) > 1  # the number of running blocks varies
+    ratios = [t.structure_ms(s) / t.predicted_dense_ms(shape.depth) for s in structs]
+    assert min(ratios) < 0.3 and max(ratios) > 0.6  # the structures span the budget range
+
+    # injected whole-model timings: each running block costs 1.5x its parts + 0.8 ms
+    def whole(s):
+        parts, n = t.parts_ms(s)
+        return t.fixed_ms + 1.5 * parts + 0.8 * n
+    before = [t.structure_ms(s) / t.predicted_dense_ms(shape.depth) / (whole(s) / whole(dense)) - 1 for s in structs]
+    assert max(before) < 0 and min(before) < -0.1  # the uncalibrated table under-predicts the pruned models
+    pts = [dense] + structs
+    cal = fit_calibration(t, pts, [whole(s) for s in pts])
+    assert cal["scale"] == pytest.approx(1.5, rel=1e-3) and cal["block_ms"] == pytest.approx(0.8, rel=1e-2)
+    t.calibration = cal
+    t.__dict__.pop("_memo", None)
+    assert t.predicted_dense_ms(shape.depth) == pytest.approx(whole(dense), rel=1e-3)
+    for s in structs:  # now the ratios to dense agree
+        assert t.structure_ms(s) / t.predicted_dense_ms(shape.depth) == pytest.approx(whole(s) / whole(dense),
+                                                                                      rel=1e-3)
+    # one disturbed timing (+40 %) moves the robust fit little; exact timings of the raw table fit identity
+    times = [whole(s) for s in pts]
+    times[3] *= 1.4
+    disturbed = fit_calibration(t, pts, times)
+    assert disturbed["scale"] == pytest.approx(1.5, rel=0.1) and disturbed["block_ms"] == pytest.approx(0.8, rel=0.3)
+    t.calibration = {"scale": 1.0, "block_ms": 0.0}
+    t.__dict__.pop("_memo", None)
+    same = fit_calibration(t, pts, [t.structure_ms(s) for s in pts])
+    assert same["scale"] == pytest.approx(1, abs=1e-3) and abs(same["block_ms"]) < 1e-3
+    with pytest.raises(UvclabError, match="at least three"):
+        fit_calibration(t, pts[:2], [1.0, 1.0])
+
+
+def test_build_with_calibration(tiny):
+    t = latency_build.build_table(tiny, batch_size=2, threads=1, progress=False, **{**TINY, "calibrate": 3})
+    cal = t.calibration
+    assert cal["scale"] > 0 and len(cal["measured_ms"]) == 4 and t.block_overhead_ms >= 0  # dense + 3
+    assert all(r > 0 for r in cal["measured_ms"])
+    assert t.predicted_dense_ms(2) == pytest.approx(t.fixed_ms + 2 * (cal["scale"] * t.parts_ms(
+        uvclab.Structure.dense(tiny))[0] / 2 + cal["block_ms"]))
+    assert LatencyTable.from_dict(json.loads(json.dumps(t.to_dict()))).calibration == cal
+    assert t.key["calibrate"] == 3  # a calibrated table is cached apart from the plain one
+    assert "calibrate" not in latency_build.table_key(tiny, 2, 1, "cpu", latency_build.table_grid(tiny, 2, 2, 2))
+
+
+def test_calibrated_state_prediction_matches_the_structure_prediction(tiny):
+    shape = vit_shape(tiny)
+    t = synthetic_table(shape)
+    t.calibration = {"scale": 1.3, "block_ms": 0.4}
+    st = uvclab.Structure.dense(tiny)
+    st.blocks[1].keep = False
+    none = torch.zeros(shape.depth)
+    ms = t.expected_latency(shape, none, none, torch.zeros(shape.depth, shape.num_heads),
+                            torch.ones(shape.depth, shape.num_heads), block_gate=torch.tensor([1.0, 0.0]))
+    assert float(ms) == pytest.approx(t.structure_ms(st))
+    parts, n = t.parts_ms(st)
+    assert t.structure_ms(st) == pytest.approx(t.fixed_ms + 1.3 * parts + 0.4 * n)
 
 
 def test_gradients_reach_the_counts(tiny):

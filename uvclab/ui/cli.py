@@ -114,6 +114,10 @@ def cmd_latency_table(args) -> None:
           f"+ {len(t.mlp_widths)} MLP points)")
     full = t.attn_ms[-1][-1][-1]
     print(f"  block   attention {full:.3f} ms + MLP {t.mlp_ms[-1]:.3f} ms + overhead {t.block_overhead_ms:.3f} ms")
+    c = t.calibration
+    if "measured_ms" in c:
+        print(f"  calibrated on {len(c['measured_ms'])} whole models: a running block = {c['scale']:.3f} x parts "
+              f"{c['block_ms']:+.3f} ms")
     print(f"  model   fixed {t.fixed_ms:.3f} ms; dense predicted {t.predicted_dense_ms(k['depth']):.2f} ms, "
           f"measured {t.dense_ms:.2f} ms")
 

@@ -8,14 +8,16 @@ fixed part (stem, tokens, final norm, head). Between grid points the table is pi
 (trilinear for attention): that is the predicted latency (R's value). Its gradient, the price of one more group,
 comes from a smooth fit of the same grid (attention ~ c0 + c1 h + c2 h a + c3 h v, MLP ~ d0 + d1 m, non-negative
 least squares): a measured grid is noisy, and a flat or falling segment would make a group look free to keep
-forever. The measurements and the cache live in `uvclab.vit.latency_build`.
+forever. A calibration fitted on whole exported models corrects the sum of the parts: a running block costs
+scale x (its parts) + block_ms (`fit_calibration`; identity until fitted). The measurements and the cache live
+in `uvclab.vit.latency_build`.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -23,7 +25,7 @@ from uvclab.errors import UvclabError
 from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, VitShape, head_widths
 from uvclab.vit.structure import BlockStructure, Structure
 
-FORMAT = 2  # bump when the measured quantities change: older cached tables are rebuilt
+FORMAT = 4  # bump when the measured quantities change: older cached tables are rebuilt
 
 
 @dataclass
@@ -39,6 +41,8 @@ class LatencyTable:
     fixed_ms: float              # the model without blocks: stem, tokens, final norm, head
     dense_ms: float              # the whole dense model, measured (compare with predicted_dense_ms)
     build_seconds: float = 0.0
+    # whole-model correction of a running block: scale x (attn + mlp + overhead) + block_ms (`fit_calibration`)
+    calibration: dict = field(default_factory=lambda: {"scale": 1.0, "block_ms": 0.0})
 
     # ---- (de)serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -143,7 +147,8 @@ class LatencyTable:
             attn = attn * attn_gate
         if mlp_gate is not None:
             mlp = mlp * mlp_gate
-        per_block = attn + mlp + self.block_overhead_ms
+        k, c = self._calib()
+        per_block = k * (attn + mlp + self.block_overhead_ms) + c
         if block_gate is not None:
             per_block = per_block * block_gate
         return self.fixed_ms + per_block.sum()
@@ -163,7 +168,8 @@ class LatencyTable:
                 ms += float(self.attn(*(torch.tensor(float(x)) for x in hav)))
             if m:
                 ms += float(self.mlp(torch.tensor(float(m))))
-            memo[hav, m] = ms
+            k, c = self._calib()
+            memo[hav, m] = k * ms + c
         return memo[hav, m]
 
     def structure_ms(self, structure: Structure, layout: Layout = DEFAULT_LAYOUT) -> float:
@@ -173,7 +179,44 @@ class LatencyTable:
     def predicted_dense_ms(self, depth: int) -> float:
         H, Dh, M = self.heads[-1], self.qk_widths[-1], self.mlp_widths[-1]
         full = float(self.attn(torch.tensor(float(H)), torch.tensor(float(Dh)), torch.tensor(float(Dh))))
-        return self.fixed_ms + depth * (full + float(self.mlp(torch.tensor(float(M)))) + self.block_overhead_ms)
+        k, c = self._calib()
+        block = full + float(self.mlp(torch.tensor(float(M)))) + self.block_overhead_ms
+        return self.fixed_ms + depth * (k * block + c)
+
+    def _calib(self) -> tuple[float, float]:
+        return float(self.calibration.get("scale", 1.0)), float(self.calibration.get("block_ms", 0.0))
+
+    def parts_ms(self, structure: Structure, layout: Layout = DEFAULT_LAYOUT) -> tuple[float, int]:
+        """(sum over running blocks of the uncalibrated table's block ms, number of running blocks)."""
+        saved, self.calibration = self.calibration, {"scale": 1.0, "block_ms": 0.0}
+        self.__dict__.pop("_memo", None)
+        try:
+            run = [b for b in structure.blocks if b.keep and (b.runs_attn or b.runs_mlp)]
+            return sum(self.block_ms(b, layout) for b in run), len(run)
+        finally:
+            self.calibration = saved
+            self.__dict__.pop("_memo", None)
+
+
+def fit_calibration(table: LatencyTable, structures: Sequence[Structure], measured_ms: Sequence[float],
+                    layout: Layout = DEFAULT_LAYOUT) -> dict:
+    """The calibration (scale, block_ms) that makes fixed + sum(scale x parts + block_ms) fit whole models.
+
+    `measured_ms`: whole exports of `structures` (the dense one among them), timed together in alternating
+    rounds. Every model is one point (a ratio to one dense timing would carry that timing's noise into every
+    point: one session's ratios were 10-15 % off the next one's); robust least squares (soft L1) on relative
+    errors, scale bounded to 0.5..2 and block_ms to 0..1 dense block (a cost the parts miss; a negative one
+    fitted on DeiT-Small made its smallest model 14 % too cheap), so that a disturbed timing cannot pull it far."""
+    import numpy as np
+    from scipy.optimize import least_squares
+    if len(structures) != len(measured_ms) or len(structures) < 3:
+        raise UvclabError("fit_calibration needs at least three structures, each with one measured time.")
+    X, m = np.array([table.parts_ms(s, layout) for s in structures], float), np.asarray(measured_ms, float)
+    block = max(X[:, 0].max() / max(X[:, 1].max(), 1), 1e-6)
+    err = lambda p: (table.fixed_ms + X @ p) / m - 1  # noqa: E731
+    p = least_squares(err, [1.0, 0.01 * block], loss="soft_l1", f_scale=0.05, bounds=([0.5, 0.0], [2.0, block])).x
+    return {"scale": float(p[0]), "block_ms": float(p[1]), "measured_ms": m.tolist(),
+            "errors_before": err([1.0, 0.0]).tolist(), "errors_after": err(p).tolist()}
 
 
 def _segment(grid: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,10 +8,14 @@ short calls dodge the other processes where long ones cannot, and the parts no l
 group of points is timed with the dense block as a reference and rescaled to the last group's load. The
 attention grid is heads x q/k width x v width, the MLP grid widths; the fixed parts (the model without
 blocks: stem, head) is measured, the per-block overhead is the dense block minus its two branches (timed
-together in one group), and the
+together in one group; clamped at 0: a difference of three noisy timings, it came out at -27 % to +18 % of a
+block from one build to the next, and a negative one made every pruned model look 15-20 % cheaper), and the
 whole dense model is measured for comparison (`dense_ms`; a long call on a loaded machine is stretched by the
 other processes where the short calls of the grid mostly are not, so ratios, not absolute ms, are what
-carry over). `latency_table` returns the
+carry over). With `calibrate` = K, K exported models of random structures (`calibration_structures`,
+spanning the budget range) are timed afterwards with the dense model, on their own, and fit the table's
+calibration (`fit_calibration`; off by default: on this shared CPU it helped the Fashion-MNIST teacher a
+little and hurt DeiT-Small, see the README). `latency_table` returns the
 cached table when its key matches (device, torch version, threads, batch, tokens, widths, grid, format) and
 rebuilds it otherwise. `measure_ms` times whole models the same way (dense vs export in the report).
 """
@@ -22,6 +26,7 @@ import hashlib
 import math
 import json
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,7 +37,7 @@ from torch import nn
 from uvclab.errors import UvclabError
 from uvclab.paths import cache_dir
 from uvclab.vit.export import SlimBlock, _slim_block, export_model
-from uvclab.vit.latency import FORMAT, LatencyTable
+from uvclab.vit.latency import FORMAT, LatencyTable, fit_calibration
 from uvclab.vit.macs import vit_shape
 from uvclab.vit.models import input_shape
 from uvclab.vit.structure import BlockStructure, Structure
@@ -67,10 +72,32 @@ def table_grid(model: nn.Module, width_points: int = 8, mlp_points: int = 16, qk
             "mlp_widths": mlp}
 
 
-def table_key(model: nn.Module, batch_size: int, threads: int, device: str, grid: dict) -> dict:
+def calibration_structures(model: nn.Module, k: int, grid: dict, seed: int = 0) -> list[Structure]:
+    """`k` random structures from about 0.15 to 0.9 of the dense model, as a budgeted search leaves them: kept
+    heads, v widths on the grid, MLP widths anywhere, a few blocks or branches skipped."""
+    rng, s = random.Random(seed), vit_shape(model)
+    out = []
+    for i in range(k):
+        f = 0.15 + 0.75 * i / max(k - 1, 1)
+        st = Structure.dense(model)
+        for b in st.blocks:
+            u = lambda: min(1.0, max(0.0, rng.uniform(f - 0.25, f + 0.25)))  # noqa: E731
+            h = max(1, round(s.num_heads * u()))
+            v = min(grid["v_widths"], key=lambda w: abs(w - s.head_dim * u()))
+            b.heads, b.qk_dims, b.v_dims = list(range(h)), [list(range(s.head_dim))] * h, [list(range(v))] * h
+            b.mlp = list(range(max(1, round(s.mlp_hidden * u()))))
+            b.keep = rng.random() > 0.3 * (1 - f)
+            b.attn, b.mlp_branch = rng.random() > 0.1 * (1 - f), rng.random() > 0.05 * (1 - f)
+        out.append(st)
+    return out
+
+
+def table_key(model: nn.Module, batch_size: int, threads: int, device: str, grid: dict,
+              calibrate: int = 0) -> dict:
     s = vit_shape(model)
     cfg = getattr(model, "uvclab_config", None) or {"name": type(model).__name__, "kwargs": {}}
-    return {"format": FORMAT, "model": cfg["name"], "model_kwargs": cfg.get("kwargs", {}),
+    return ({"calibrate": calibrate} if calibrate else {}) | {
+            "format": FORMAT, "model": cfg["name"], "model_kwargs": cfg.get("kwargs", {}),
             "device": device_name(device), "device_type": torch.device(device).type, "torch": torch.__version__,
             "threads": threads, "batch_size": batch_size, "tokens": s.tokens, "embed_dim": s.embed_dim,
             "num_heads": s.num_heads, "head_dim": s.head_dim, "mlp_hidden": s.mlp_hidden, "depth": s.depth,
@@ -152,7 +179,7 @@ def _chain(block: nn.Module, x: torch.Tensor, depth: int, min_ms: float = 20.0) 
 
 def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] = None, device: str = "cpu",
                 rounds: int = 5, iters: int = 1, width_points: int = 8, mlp_points: int = 16, qk_points: int = 4,
-                progress: bool = True) -> LatencyTable:
+                calibrate: int = 0, progress: bool = True) -> LatencyTable:
     """Measure the latency table of `model`'s shape (any timm ViT uvclab supports) on `device`."""
     from tqdm.auto import tqdm
     if batch_size < 1 or rounds < 1 or iters < 1:
@@ -163,7 +190,7 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
     t0 = time.time()
     try:
         grid = table_grid(model, width_points, mlp_points, qk_points)
-        key = table_key(model, batch_size, threads, device, grid)
+        key = table_key(model, batch_size, threads, device, grid, calibrate)
         s = vit_shape(model)
         attn_pts = [(h, a, v) for h in grid["heads"] for a in grid["qk_widths"] for v in grid["v_widths"]]
         dense_struct = Structure.dense(model)
@@ -171,12 +198,14 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         for b in no_blocks.blocks:
             b.keep = False
         base = copy.deepcopy(model).float().eval()
-        wholes = [export_model(base, no_blocks).to(device), export_model(base, dense_struct).to(device)]
+        calib = calibration_structures(model, calibrate, grid) if calibrate >= 1 else []
+        wholes = [export_model(base, st).to(device) for st in [no_blocks, dense_struct] + calib]
         img = torch.randn(batch_size, *input_shape(model), device=device)
         with torch.inference_mode():
             d = wholes[1]  # the middle block's real input activations (B, N, D)
             x = d.blocks[:s.depth // 2](d.norm_pre(d._pos_embed(d.patch_embed(img))))
-        n_calls = rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 6)
+        n_calls = (rounds * (len(attn_pts) + len(grid["mlp_widths"]) + len(grid["heads"]) + 6)
+                   + 9 * (len(calib) + 1) * bool(calib))
         bar = tqdm(total=n_calls, desc=f"latency table ({key['model']}, batch {batch_size}, {threads} thr)",
                    disable=not progress, unit="t")
 
@@ -199,6 +228,8 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         fixed_ms, dense_ms, ref_ms, a_ms, m_ms = time_calls(
             [lambda: wholes[0](img), lambda: wholes[1](img), lambda: ref(x), lambda: a_only(x), lambda: m_only(x)],
             rounds, iters, device=device, progress=bar.update)
+        if calib:  # whole models on their own (timed between the chains above they measured 10-40 % apart)
+            calib_ms = time_calls([lambda w=w: w(img) for w in wholes[1:]], 9, 2, device=device, progress=bar.update)
         ref_ms, a_ms, m_ms = ref_ms / len(ref), a_ms / len(a_only), m_ms / len(m_only)
         bar.close()
         # each group at the load of the last one: times x (reference now / reference then) removes slow drifts
@@ -208,11 +239,13 @@ def build_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] =
         torch.set_num_threads(saved_threads)
     nq, nv = len(grid["qk_widths"]), len(grid["v_widths"])
     cube = [[attn_ms[(i * nq + j) * nv:(i * nq + j + 1) * nv] for j in range(nq)] for i in range(len(grid["heads"]))]
-    return LatencyTable(key=key, heads=grid["heads"], qk_widths=grid["qk_widths"], v_widths=grid["v_widths"],
-                        attn_ms=cube, mlp_widths=grid["mlp_widths"], mlp_ms=mlp_ms,
-                        block_overhead_ms=ref_ms - a_ms - m_ms,
-                        fixed_ms=fixed_ms, dense_ms=dense_ms,
-                        build_seconds=time.time() - t0)
+    table = LatencyTable(key=key, heads=grid["heads"], qk_widths=grid["qk_widths"], v_widths=grid["v_widths"],
+                         attn_ms=cube, mlp_widths=grid["mlp_widths"], mlp_ms=mlp_ms,
+                         block_overhead_ms=max(0.0, ref_ms - a_ms - m_ms), fixed_ms=fixed_ms, dense_ms=dense_ms)
+    if calib:
+        table.calibration = fit_calibration(table, [dense_struct] + calib, calib_ms)
+    table.build_seconds = time.time() - t0
+    return table
 
 
 def latency_table(model: nn.Module, batch_size: int = 64, threads: Optional[int] = None, device: str = "cpu",
@@ -223,11 +256,12 @@ def latency_table(model: nn.Module, batch_size: int = 64, threads: Optional[int]
     threads = threads or torch.get_num_threads()
     grid = table_grid(model, build_kw.get("width_points", 8), build_kw.get("mlp_points", 16),
                       build_kw.get("qk_points", 4))
-    path = cache_path(table_key(model, batch_size, threads, device, grid), folder)
+    key = table_key(model, batch_size, threads, device, grid, build_kw.get("calibrate", 0))
+    path = cache_path(key, folder)
     if path.exists() and not rebuild:
         try:
             t = LatencyTable.load(path)
-            if t.key == table_key(model, batch_size, threads, device, grid):
+            if t.key == key:
                 return t
         except UvclabError:
             pass  # corrupt or from another format: measure again
