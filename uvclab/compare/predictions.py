@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from uvclab.compare.runs import run_config
 from uvclab.engine.data import FASHION_CLASSES, fashion_mnist_test, load_dataset
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write
@@ -62,11 +63,6 @@ class Side:
         return Structure.dense(load_teacher(self.weights))
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-
 def _img_size(model_cfg: dict) -> Optional[int]:
     size = (model_cfg or {}).get("kwargs", {}).get("img_size")
     return size if isinstance(size, int) else None
@@ -84,7 +80,7 @@ def resolve_run(run_dir: str | Path) -> Side:
         raise UvclabError(f"'{run_dir}' has no exported model ({' and '.join(missing)} missing): the run has not "
                           "finished or was interrupted. Finish it with `uvclab compress --resume --out "
                           f"{run_dir}` (same config), or compare another run.")
-    cfg = _read_yaml(run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     report = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
     card = json.loads((model_dir / "uvclab.json").read_text())
     dataset = cfg.get("dataset") or report.get("dataset")
@@ -99,7 +95,7 @@ def resolve_run(run_dir: str | Path) -> Side:
 
 def teacher_file(run: Side) -> Path:
     """The teacher card a run was distilled from (config `teacher`; 'default': the dataset's reference)."""
-    name = _read_yaml(run.run_dir / "config.yaml").get("teacher", "default")
+    name = run_config(run.run_dir).get("teacher", "default")
     if name is None:
         raise UvclabError(f"Run '{run.label}' was distilled from its own starting model (teacher: null); there is "
                           "no teacher file to compare with. Pass the teacher card path instead of 'teacher'.")

@@ -18,21 +18,13 @@ from typing import Optional
 
 import pandas as pd
 
-from uvclab.compare.runs import read_runs
+from uvclab.compare.runs import flat_config, read_runs, run_config
 from uvclab.paths import REPO_ROOT, default_teacher, runs_dir
 
 SWEPT = ("method", "macs_ratio", "seed", "kd", "kd_alpha", "kd_tau", "kd_reduction", "layout", "budget_slack")
 NOT_RECIPE = ("threads", "device", "progress", "num_workers", "resume")  # how it ran, not what it computed
 SHOWN = ("method", "macs_ratio", "seed", "kd")   # columns of their own in the table, not repeated in `changes`
 
-
-def _config(run_dir: Path) -> dict:
-    import yaml
-    path = run_dir / "config.yaml"
-    cfg = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    flat = {k: v for k, v in cfg.items() if k != "uvc"}
-    flat.update({f"uvc.{k}": v for k, v in (cfg.get("uvc") or {}).items()})
-    return flat
 
 
 def _teacher(cfg: dict, dataset: str) -> tuple[str, Optional[float]]:
@@ -71,7 +63,7 @@ def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     rows, configs = [], []
     for r in runs.itertuples():
-        cfg = _config(Path(r.path))
+        cfg = flat_config(run_config(r.path))
         teacher, t_top1 = _teacher(cfg, r.dataset)
         recipe = {k: v for k, v in cfg.items() if k not in SWEPT and k not in NOT_RECIPE and not k.startswith("uvc.")}
         rel = os.path.relpath(r.path, root)

@@ -24,6 +24,20 @@ def read_report(run_dir: str | Path) -> dict:
     return _current_keys(json.loads(path.read_text()))
 
 
+def run_config(run_dir: str | Path) -> dict:
+    """The run folder's config.yaml as a dict ({} when it has none)."""
+    import yaml
+    path = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def flat_config(cfg: Mapping) -> dict:
+    """A config with its `uvc` settings as `uvc.<key>` entries (one level, for tables)."""
+    flat = {k: v for k, v in cfg.items() if k != "uvc"}
+    flat.update({f"uvc.{k}": v for k, v in (cfg.get("uvc") or {}).items()})
+    return flat
+
+
 LEGACY_KEYS = {"macs_ratio_target": "budget", "val_top1_after_search": "val_top1_before_finetune",
                "val_top1_after_prune": "val_top1_before_finetune"}  # report keys before uvclab 0.2
 
@@ -85,7 +99,6 @@ def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
 
     Sorted by dataset, model and MACs budget; empty (with those columns) when there is none.
     """
-    import yaml
     from uvclab.paths import runs_dir
     rows = []
     for rep in sorted(Path(runs_root or runs_dir()).glob("**/report.json")):
@@ -93,10 +106,8 @@ def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
             r = _current_keys(json.loads(rep.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue                                   # being written or corrupt: not a finished run
-        cfg_path = rep.parent / "config.yaml"
-        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
-        settings = {k: v for k, v in cfg.items() if k not in ("uvc", "model_kwargs")}
-        settings.update({f"uvc.{k}": v for k, v in (cfg.get("uvc") or {}).items()})
+        cfg = run_config(rep.parent)
+        settings = {k: v for k, v in flat_config(cfg).items() if k != "model_kwargs"}
         model = r.pop("model", {}) or {}
         if cfg:  # a plain `compress` report says method=uvc; the label also names the UVC variant
             r["method"] = r["method"] if r.get("method") not in (None, "uvc") else method_label(cfg)
@@ -130,9 +141,7 @@ def search_summary(run_dir: str | Path) -> dict:
 def find_run(config: Mapping, runs_root: str | Path) -> Optional[Path]:
     """The first finished run folder under `runs_root` (any depth, sorted) whose config.yaml equals `config`
     (a `CompressConfig.to_dict()`), or None: a notebook can reuse a run an earlier notebook made."""
-    import yaml
     for rep in sorted(Path(runs_root).glob("**/report.json")):
-        cfg_path = rep.parent / "config.yaml"
-        if cfg_path.is_file() and (yaml.safe_load(cfg_path.read_text()) or {}) == dict(config):
+        if (rep.parent / "config.yaml").is_file() and run_config(rep.parent) == dict(config):
             return rep.parent
     return None

@@ -322,8 +322,8 @@ class UVCPrimalDual:
     def _record(self, epoch: int, warmup: bool, R: Optional[float] = None) -> dict:
         """The log record; R is the constrained resource ratio (`expected_macs_ratio` or, with a latency budget,
         `expected_latency_ratio`; both are logged then)."""
-        with torch.no_grad():
-            heads = self.scores()[1]
+        with torch.no_grad():  # the group scores are only needed for a ratio not already known
+            heads = self.scores()[1] if R is None or self.budget_kind != "macs" else None
             if R is None:
                 R = float(self.expected_macs_ratio(self.s, self.r, heads))
             macs = R if self.budget_kind == "macs" else float(self.expected_macs_ratio(self.s, self.r, heads,
