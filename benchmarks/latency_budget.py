@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ FM = dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=24, warmu
 
 def _run(args):
     name, overrides, out = args
+    torch.set_num_threads(1)
     from uvclab.engine.compress import compress
     from uvclab.engine.config import CompressConfig
     folder = Path(out) / name
@@ -72,15 +74,19 @@ def fashion_mnist(a) -> pd.DataFrame:
     from uvclab.vit.latency_build import latency_table
     from uvclab.vit.structure import Structure
     out = Path(a.out)
-    jobs = [(f"latency_b{b:g}", {"budget_kind": "latency", "macs_ratio": b}, out) for b in (0.5, 0.3)]
-    jobs += [(f"macs_b{b:g}", {"macs_ratio": b}, out) for b in a.macs_budgets]
+    jobs = [(f"latency_b{b:g}_s{s}", {"budget_kind": "latency", "macs_ratio": b, "seed": s}, out)
+            for b in (0.5, 0.3) for s in a.seeds]
+    jobs += [(f"macs_b{b:g}_s{s}", {"macs_ratio": b, "seed": s}, out) for b in a.macs_budgets for s in a.seeds]
     t0 = time.time()
     with mp.get_context("spawn").Pool(a.workers) as pool:
         for name in pool.imap_unordered(_run, jobs):
             print(f"done {name} ({time.time() - t0:.0f} s)", flush=True)
     folders = {j[0]: out / j[0] for j in jobs}
-    if a.macs_runs:  # the MACs benchmark's own UVC runs (same protocol), seed 0
-        folders.update({f"macs_b{b:g}": Path(a.macs_runs) / f"uvc_b{b:g}_s0" for b in (0.5, 0.3)})
+    if a.macs_runs:  # the MACs benchmark's own runs (same protocol): UVC, and the one-shot cuts timed alongside
+        for f in sorted(Path(a.macs_runs).glob("*_s[0-9]")):
+            method, rest = f.name.rsplit("_b", 1)
+            if method in ("uvc", "magnitude", "depth") and (f / "model").exists():
+                folders[("macs" if method == "uvc" else method) + "_b" + rest] = f
     teacher = load_teacher(ROOT / "data" / "teachers" / "fashion_mnist_vit.json")
     torch.set_num_threads(1)
     table = latency_table(teacher, 64, 1)
@@ -89,13 +95,31 @@ def fashion_mnist(a) -> pd.DataFrame:
     rows = timed_rows(models, dense, table, 64, 1)
     for r in rows:
         rep = json.loads((folders[r["run"]] / "report.json").read_text())
-        r.update(kind=rep.get("budget_kind", "macs"), budget=rep["budget"], top1=rep["top1"],
-                 val_top1=rep["val_top1"], macs_ratio=rep["macs_ratio"], seconds=rep["seconds"])
-    return pd.DataFrame(rows).sort_values(["kind", "budget"])
+        kind = r["run"].rsplit("_b", 1)[0]
+        r.update(kind=kind, budget=rep["budget"], seed=rep["seed"], top1=rep["top1"], val_top1=rep["val_top1"],
+                 macs_ratio=rep["macs_ratio"], blocks=rep["blocks_kept"], seconds=rep["seconds"])
+    return pd.DataFrame(rows).sort_values(["kind", "budget", "seed"], ascending=[True, False, True])
+
+
+def same_latency(df: pd.DataFrame) -> pd.DataFrame:
+    """Each latency budget's mean over seeds next to UVC with a MACs budget at the same measured latency: the
+    MACs runs' (measured latency, top-1) means per budget, linearly interpolated (None outside their range)."""
+    import numpy as np
+    macs = df[df.kind == "macs"].groupby("budget")[["latency_ratio_measured", "top1"]].mean()
+    macs = macs.sort_values("latency_ratio_measured")
+    rows = []
+    for b, g in df[df.kind == "latency"].groupby("budget"):
+        lat = g.latency_ratio_measured.mean()
+        inside = macs.latency_ratio_measured.min() <= lat <= macs.latency_ratio_measured.max()
+        ref = float(np.interp(lat, macs.latency_ratio_measured, macs.top1)) if inside else None
+        rows.append({"budget": b, "seeds": len(g), "measured": lat, "measured_max": g.latency_ratio_measured.max(),
+                     "top1": g.top1.mean(), "top1_sd": g.top1.std(), "macs_budget_top1_at_same_latency": ref})
+    return pd.DataFrame(rows)
 
 
 def deit_small(a) -> pd.DataFrame:
     import uvclab
+    from uvclab.engine.selection import measured_feedback
     from uvclab.uvc import UVCPrimalDual, UVCSettings, select_structure
     from uvclab.vit.latency_build import latency_table
     from uvclab.vit.structure import Structure
@@ -112,8 +136,12 @@ def deit_small(a) -> pd.DataFrame:
             for _ in range(a.steps):
                 rec = uvc.step(1e-4, 0, warmup=False)
             st = select_structure(uvc, 0.02)
+            rounds = []
+            if kind == "latency":  # the pipeline's measured feedback (no data here: no skip candidates)
+                st, rounds = measured_feedback(uvc, gated, st, [], b, 0.02, "compact", batch_size=a.batch,
+                                               threads=a.threads)
             models[f"{kind}_b{b:g}"] = uvclab.export_model(gated, st)
-            print(kind, b, "R end of search", round(rec["R"], 3), flush=True)
+            print(kind, b, "R end of search", round(rec["R"], 3), "feedback", rounds, flush=True)
     rows = timed_rows(models, uvclab.export_model(model, Structure.dense(model)), table, a.batch, a.threads,
                       rounds=5)
     for r in rows:
@@ -124,7 +152,7 @@ def deit_small(a) -> pd.DataFrame:
 
 
 def markdown(df: pd.DataFrame) -> str:
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: "-" if v is None or v != v else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
 
@@ -134,24 +162,31 @@ def main(argv=None) -> int:
     p.add_argument("part", choices=["fm", "deit_small"])
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "latency_budget"))
     p.add_argument("--macs-runs", default=None, help="the Fashion-MNIST benchmark's run folders (uvc_b0.5_s0, ...)")
-    p.add_argument("--macs-budgets", default="0.2", help="MACs budgets run here (comma-separated)")
+    p.add_argument("--macs-budgets", default="0.2,0.15,0.12", help="MACs budgets run here (comma-separated)")
+    p.add_argument("--seeds", default="0,1,2", help="fm: seeds of the runs made here (comma-separated)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=200, help="deit_small: counts-only search steps")
     p.add_argument("--batch", type=int, default=8, help="deit_small: batch the latency is for")
     p.add_argument("--threads", type=int, default=2, help="deit_small: torch threads when timing")
     a = p.parse_args(argv)
     a.macs_budgets = [float(b) for b in a.macs_budgets.split(",") if b]
+    a.seeds = [int(x) for x in a.seeds.split(",") if x]
     t0 = time.time()
+    load0 = os.getloadavg()[0]
     df = fashion_mnist(a) if a.part == "fm" else deit_small(a)
     cmd = "python benchmarks/latency_budget.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = ROOT / "benchmarks" / "results"
     stem = f"latency_budget_{a.part}"
     atomic_write_text(res / f"{stem}.csv", df.to_csv(index=False))
     err = (df.latency_ratio_predicted / df.latency_ratio_measured - 1).abs()
-    note = (f"Generated by `{cmd.strip()}` ({(time.time() - t0) / 60:.1f} min wall on a 2-core CPU shared with "
-            f"other jobs). Predicted vs measured latency ratio: |error| median {err.median():.1%}, "
-            f"max {err.max():.1%}, within 10 %: {(err <= 0.10).sum()} of {len(err)}.")
-    atomic_write_text(res / f"{stem}.md", note + "\n\n" + markdown(df) + "\n")
+    note = (f"Generated by `{cmd.strip()}` ({(time.time() - t0) / 60:.1f} min wall on {os.cpu_count()} CPU cores, "
+            f"load average {load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end). Predicted vs measured "
+            f"latency ratio: |error| median {err.median():.1%}, max {err.max():.1%}, within 10 %: "
+            f"{(err <= 0.10).sum()} of {len(err)}.")
+    text = note + "\n\n" + markdown(df) + "\n"
+    if a.part == "fm":
+        text += "\nAt the same measured latency (means over seeds):\n\n" + markdown(same_latency(df)) + "\n"
+    atomic_write_text(res / f"{stem}.md", text)
     print(note)
     print(df.to_string(index=False))
     return 0

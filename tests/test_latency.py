@@ -212,9 +212,15 @@ def test_latency_budget_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(latency_build, "latency_table", partial(latency_build.latency_table, **TINY))
     cfg = load_config(overrides=["budget_kind=latency", "budget=0.6", "latency_batch_size=4", "latency_threads=1",
                                  "warmup_epochs=0", "search_epochs=1", "finetune_epochs=1", "max_steps_per_epoch=3",
-                                 "progress=false", "budget_slack=0.1"])
+                                 "progress=false", "budget_slack=0.1", "select_finetune_steps=2"])
     rep = uvclab.compress(cfg, tmp_path / "run")
-    assert rep["budget_kind"] == "latency" and 0.5 <= rep["latency_ratio_predicted"] <= 0.6
+    assert rep["budget_kind"] == "latency" and rep["latency_ratio_predicted"] <= 0.6
+    sel = rep["selection"]  # skip candidates scored on validation, then timed until the export fits
+    assert sel["select_skips"] == "validation" and sel["skip_candidates"][0]["skipped"] == []
+    rounds = sel["latency_feedback"]
+    assert 1 <= len(rounds) <= 1 + cfg.latency_feedback
+    assert rounds[-1]["measured"] <= 0.6 * 1.02 or len(rounds) == 1 + cfg.latency_feedback
+    assert abs(rounds[-1]["predicted"] - rep["latency_ratio_predicted"]) < 1e-9
     assert rep["search_end_latency_ratio"] > 0 and 0 < rep["search_end_macs_ratio"] <= 1  # a noisy table can put R > 1
     for k in ("latency_ratio_measured", "latency_ms", "dense_latency_ms", "latency_ms_predicted"):
         assert rep[k] > 0

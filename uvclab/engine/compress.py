@@ -26,12 +26,13 @@ from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed,
                                 steps_per_epoch, train_one_epoch, world)
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, open_run_folder, save_checkpoint
 from uvclab.engine.search import kd_loss_fn, latency_table_for, search
+from uvclab.engine.selection import choose_structure
 from uvclab.engine.strategies import one_shot_structure
 from uvclab.engine.teacher import load_teacher
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write_text
 from uvclab.paths import default_teacher
-from uvclab.uvc import ranks_agree, select_structure
+from uvclab.uvc import ranks_agree
 from uvclab.vit.export import export_model, save_pruned
 from uvclab.vit.gated import gate_vit
 from uvclab.vit.macs import count
@@ -193,15 +194,16 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
     agree = None  # checked right after the search (kept in uvc_state.json for a resume in stage 2)
     search_end_R = None  # UVC: the expected MACs ratio where the search ended, before the final fit
     search_end_lat = None  # UVC with a latency budget: the predicted latency ratio there (the constrained R)
+    selection = None  # UVC: how the final structure was chosen (skip candidates, latency feedback rounds)
     if ckpt is not None and ckpt["stage"] == "finetune":
         structure = Structure.load(out / "structure.json")
         if (out / "uvc_state.json").exists():
             saved = json.loads((out / "uvc_state.json").read_text())
             search_end_R, agree = saved.get("expected_macs_ratio_end"), saved.get("ranks_agree")
-            search_end_lat = saved.get("expected_latency_ratio_end")
+            search_end_lat, selection = saved.get("expected_latency_ratio_end"), saved.get("selection")
     elif cfg.method == "uvc":
         uvc = search(cfg, model, teacher, splits, out, log, ckpt)
-        structure = select_structure(uvc, cfg.budget_slack, cfg.layout)
+        structure, selection = choose_structure(cfg, uvc, model, teacher, splits, log)
         agree = ranks_agree(uvc, structure)
         if not agree:
             raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
@@ -210,7 +212,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
             atomic_write_text(out / "uvc_state.json", json.dumps(
                 {**{k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)},
                  "expected_macs_ratio_end": search_end_R, "expected_latency_ratio_end": search_end_lat,
-                 "ranks_agree": agree}))
+                 "ranks_agree": agree, "selection": selection}))
     else:
         structure = one_shot_structure(cfg, model, teacher, splits)
     if ckpt is None or ckpt["stage"] != "finetune":
@@ -234,6 +236,8 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
               "test_samples": len(splits.test), "budget_kind": cfg.budget_kind}
     if cfg.budget_kind == "latency":
         report.update(latency_report(cfg, model, structure, slim), search_end_latency_ratio=search_end_lat)
+    if selection is not None:
+        report["selection"] = selection
     if rank() == 0:
         save_pruned(slim.cpu(), out / "model", extra={"top1": top1, "teacher_top1": teacher_top1})
         atomic_write_text(out / "report.json", json.dumps(report, indent=1))

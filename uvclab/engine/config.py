@@ -20,6 +20,7 @@ from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
 from uvclab.uvc.settings import UVCSettings
 
 BUDGET_KINDS = ("macs", "latency")
+SKIP_SELECTIONS = ("auto", "gates", "validation")
 METHODS = ("uvc", "magnitude", "uniform", "depth", "torch_pruning", "isomorphic")  # structure strategies
 ABLATIONS = {  # UVC with one ingredient changed: name -> dotted config overrides (notebook 03, the benchmark)
     "uvc": {},
@@ -50,6 +51,19 @@ class CompressConfig:
                                          # report.json adds the measured latency of dense and export)
     latency_batch_size: int = 64         # latency budget: the batch the table is measured (and the export timed) at
     latency_threads: Optional[int] = None  # latency budget: torch threads when timing (None: `threads`, else torch's)
+    search_resource: str = "macs"        # latency budget: the search's R: macs (MACs, to the MACs ratio of a
+                                         # magnitude cut predicted at the latency budget; chosen on validation) |
+                                         # latency (the table's prediction); the final structure is fitted to the
+                                         # latency budget either way
+    latency_feedback: int = 3            # latency budget: refits when the export measures over the budget (0: off)
+    latency_tolerance: float = 0.02      # latency budget: measured ratio accepted up to B x (1 + this)
+    select_skips: str = "auto"           # UVC's final structure: which blocks to skip: gates (the search's own
+                                         # decisions) | validation (candidates with 0, 1, 2.. blocks skipped, the
+                                         # best on validation) | auto (validation for a latency budget, else gates)
+    select_eval_samples: Optional[int] = 1000  # validation images per skip candidate (null: all)
+    select_finetune_steps: int = 24      # distillation steps each skip candidate gets before it is scored (0: none)
+    select_patience: Optional[int] = None  # stop adding skips after this many candidates in a row below the best
+                                         # (null: until a candidate falls below the budget band)
     seed: int = 0
     device: str = "cpu"                  # cpu | cuda | cuda:N
     batch_size: int = 64
@@ -98,9 +112,15 @@ class CompressConfig:
         if self.batch_size < 1 or self.lr <= 0 or self.finetune_lr <= 0:
             raise UvclabError("batch_size, lr and finetune_lr must be positive.")
         for name in ("max_steps_per_epoch", "eval_max_samples", "test_max_samples", "threads", "latency_threads",
-                     "latency_batch_size"):
+                     "latency_batch_size", "select_eval_samples", "select_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UvclabError(f"{name} must be >= 1 (or null for no limit).")
+        if self.search_resource not in BUDGET_KINDS:
+            raise UvclabError(f"search_resource='{self.search_resource}' is not one of {BUDGET_KINDS}.")
+        if self.select_skips not in SKIP_SELECTIONS:
+            raise UvclabError(f"select_skips='{self.select_skips}' is not one of {SKIP_SELECTIONS}.")
+        if self.latency_feedback < 0 or self.latency_tolerance < 0 or self.select_finetune_steps < 0:
+            raise UvclabError("latency_feedback, latency_tolerance and select_finetune_steps must be >= 0.")
         if not 0 <= self.kd_alpha <= 1:
             raise UvclabError(f"kd_alpha={self.kd_alpha} must be in [0, 1].")
         if self.model is None and self.teacher is None:

@@ -53,14 +53,34 @@ def latency_table_for(cfg: CompressConfig, model) -> Optional[LatencyTable]:
                          progress=cfg.progress)
 
 
+def macs_budget_for_latency(model, table: LatencyTable, budget: float, layout: str) -> float:
+    """The MACs ratio of the teacher's global magnitude cut whose predicted latency is `budget` x dense: the
+    MACs target of a latency-budget search on MACs (`search_resource: macs`)."""
+    from uvclab.prune.baselines import magnitude_scores
+    from uvclab.prune.fit import fit_to_budget
+    from uvclab.vit.macs import structure_macs, vit_shape
+    s = vit_shape(model)
+    heads, neurons = magnitude_scores(model)
+    st = fit_to_budget(s, Structure.dense(model), heads * max(1, s.mlp_hidden // 64), neurons,
+                       table.predicted_dense_ms(s.depth), budget, 0.01, layout, score_norm="raw",
+                       per_mac=False, block_cost=lambda b: table.block_ms(b, layout), fixed_cost=table.fixed_ms)
+    return structure_macs(s, st, layout) / count(model)["macs"]
+
+
 def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsLog,
            ckpt: Optional[dict]) -> UVCPrimalDual:
     """UVC stage 1 on the gated `model`. Returns the primal-dual optimiser at the end of the search."""
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world() > 1 else model
     epochs = cfg.warmup_epochs + cfg.search_epochs
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
-    uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs,
-                        total_steps=cfg.search_epochs * steps, latency=latency_table_for(cfg, model), layout=cfg.layout)
+    table = latency_table_for(cfg, model)
+    if table is not None and cfg.search_resource == "macs":  # search on MACs, select on latency (engine.selection)
+        uvc = UVCPrimalDual(model, cfg.uvc, macs_budget_for_latency(model, table, cfg.macs_ratio, cfg.layout),
+                            total_epochs=cfg.search_epochs, total_steps=cfg.search_epochs * steps, layout=cfg.layout)
+        uvc.selection_latency = table
+    else:
+        uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs,
+                            total_steps=cfg.search_epochs * steps, latency=table, layout=cfg.layout)
     opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
     start = 0
     if ckpt is not None and ckpt["stage"] == "search":

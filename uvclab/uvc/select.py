@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -66,17 +67,33 @@ def current_structure(uvc: UVCPrimalDual) -> Structure:
                                  share_head_width=uvc.cfg.tie_dims)
 
 
-def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT) -> Structure:
+def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,
+                     budget: float | None = None, skip: Sequence[int] = ()) -> Structure:
     """Counts + gates -> Structure, fitted so that exported MACs (latency budget: predicted ms) lie in
-    [B - slack, B] x dense. Under torchrun, rank 0's structure is the structure (identical anyway)."""
+    [B - slack, B] x dense (`fit_structure`). Under torchrun, rank 0's structure is the structure (identical
+    anyway)."""
+    return broadcast_structure(fit_structure(uvc, slack, layout, budget, skip))
+
+
+def fit_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,
+                  budget: float | None = None, skip: Sequence[int] = ()) -> Structure:
+    """`select_structure` on this process alone. `budget` replaces B (the measured-latency feedback aims
+    lower); `skip`: blocks skipped whatever the gates say (the skip candidates of `engine.selection`)."""
     dims, heads, neurons = uvc.scores()
     cost = {}
     if uvc.latency is not None:
         cost = dict(block_cost=lambda b: uvc.latency.block_ms(b, layout), fixed_cost=uvc.latency.fixed_ms)
     dense = uvc.dense_macs if uvc.latency is None else uvc.latency.predicted_dense_ms(uvc.shape.depth)
-    st = fit_to_budget(uvc.shape, current_structure(uvc), heads, neurons, dense, uvc.budget, slack,
-                       layout, dim_scores=dims, keep_prob=uvc.keep_prob(), tie_qk=uvc.cfg.tie_qk,
-                       allow_prune=uvc.cfg.prune, allow_skip=uvc.cfg.block_skip, **cost)
+    start = current_structure(uvc)
+    for l in skip:
+        start.blocks[l].keep = False
+    return fit_to_budget(uvc.shape, start, heads, neurons, dense, uvc.budget if budget is None else budget, slack,
+                         layout, dim_scores=dims, keep_prob=uvc.keep_prob(), tie_qk=uvc.cfg.tie_qk,
+                         allow_prune=uvc.cfg.prune, allow_skip=uvc.cfg.block_skip, **cost)
+
+
+def broadcast_structure(st: Structure) -> Structure:
+    """Rank 0's structure on every rank (itself without torchrun)."""
     if dist.is_available() and dist.is_initialized():
         box = [st.to_dict()]
         dist.broadcast_object_list(box, 0)
