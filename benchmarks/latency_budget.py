@@ -1,17 +1,18 @@
 """UVC with a latency budget vs UVC with a MACs budget, compared at the same *measured* latency.
 
     python benchmarks/latency_budget.py fm --macs-runs runs/benchmarks/fashion_mnist/runs   # Fashion-MNIST
-    python benchmarks/latency_budget.py deit_small                                         # DeiT-Small at 224
+    python benchmarks/latency_budget.py deit_small --steps 200 --threads 1 --batch 4      # DeiT-Small at 224
 
 fm: UVC on the committed Fashion-MNIST teacher under the Fashion-MNIST benchmark's protocol (2 search + 6
 fine-tune epochs of 24 x 128 images, one thread), with `budget_kind: latency` at 0.5 and 0.3 and with MACs
-budgets (0.5 and 0.3 from the MACs benchmark's run folders when --macs-runs is given, plus lower ones run
-here so that a MACs run brackets each latency run's measured latency). Afterwards every export and the dense
-model are timed in one process (alternating rounds, batch 64, one thread), and the latency table's
-prediction is set next to each measurement.
-deit_small: a DeiT-Small-shaped model at 224 (random weights: no ImageNet offline, so no accuracy): the
-counts-only search (the UVC update without weight training, `steps` steps), structure selection, export and
-the same timing at batch 8, two threads: only the latency goals can be checked there.
+budgets `--macs-budgets` (default 0.2, 0.15, 0.12: low enough that MACs runs bracket the latency runs' measured
+latency), seeds `--seeds`; with --macs-runs the MACs benchmark's own UVC, magnitude and depth runs (same protocol)
+join them. Afterwards every export and the dense model are timed in one process (alternating rounds, batch 64,
+one thread), the latency table's prediction is set next to each measurement, and each latency budget's mean
+top-1 is set next to MACs-budget UVC's at the same measured latency (interpolated).
+deit_small: a DeiT-Small-shaped model at 224 (random weights: no ImageNet offline, so no accuracy): counts-only
+searches (the UVC update without weight training, `steps` steps), structure selection with the measured
+feedback, export and the same timing: only the latency goals can be checked there.
 Results: benchmarks/results/latency_budget_<part>.{csv,md}.
 """
 from __future__ import annotations
@@ -118,7 +119,11 @@ def same_latency(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def deit_small(a) -> pd.DataFrame:
+    """Counts-only searches (random weights, no data): 'latency' as the pipeline's default (search on MACs to the
+    magnitude cut's MACs at the latency budget, fit to the predicted latency, measured feedback; no skip
+    candidates without data), 'latency_R' with the table's prediction as the search's R, 'macs' a MACs budget."""
     import uvclab
+    from uvclab.engine.search import macs_budget_for_latency
     from uvclab.engine.selection import measured_feedback
     from uvclab.uvc import UVCPrimalDual, UVCSettings, select_structure
     from uvclab.vit.latency_build import latency_table
@@ -128,24 +133,27 @@ def deit_small(a) -> pd.DataFrame:
     model = uvclab.create_vit("deit_small_patch16_224").eval()
     table = latency_table(model, a.batch, a.threads)
     models = {}
-    for kind in ("latency", "macs"):
+    for kind in ("latency", "latency_R", "macs"):
         for b in (0.5, 0.3):
             gated = uvclab.gate_vit(__import__("copy").deepcopy(model))
-            uvc = UVCPrimalDual(gated, UVCSettings(block_skip=False, **{**SHORT_RUN_UVC}), b, total_steps=a.steps,
-                                latency=table if kind == "latency" else None)
+            target = macs_budget_for_latency(model, table, b, "compact") if kind == "latency" else b
+            uvc = UVCPrimalDual(gated, UVCSettings(block_skip=False, **{**SHORT_RUN_UVC}), target, total_steps=a.steps,
+                                latency=table if kind == "latency_R" else None)
             for _ in range(a.steps):
                 rec = uvc.step(1e-4, 0, warmup=False)
+            uvc.latency, uvc.budget = (table, b) if kind != "macs" else (None, b)  # select on latency
             st = select_structure(uvc, 0.02)
             rounds = []
-            if kind == "latency":  # the pipeline's measured feedback (no data here: no skip candidates)
+            if kind != "macs":  # the pipeline's measured feedback
                 st, rounds = measured_feedback(uvc, gated, st, [], b, 0.02, "compact", batch_size=a.batch,
                                                threads=a.threads)
             models[f"{kind}_b{b:g}"] = uvclab.export_model(gated, st)
-            print(kind, b, "R end of search", round(rec["R"], 3), "feedback", rounds, flush=True)
+            print(kind, b, "search target", round(target, 3), "R end", round(rec["R"], 3), "feedback", rounds,
+                  flush=True)
     rows = timed_rows(models, uvclab.export_model(model, Structure.dense(model)), table, a.batch, a.threads,
                       rounds=5)
     for r in rows:
-        kind, b = r["run"].split("_b")
+        kind, b = r["run"].rsplit("_b", 1)
         dense_macs = uvclab.count(model)["macs"]
         r.update(kind=kind, budget=float(b), macs_ratio=uvclab.count(models[r["run"]])["macs"] / dense_macs)
     return pd.DataFrame(rows)

@@ -212,7 +212,8 @@ def test_latency_budget_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(latency_build, "latency_table", partial(latency_build.latency_table, **TINY))
     cfg = load_config(overrides=["budget_kind=latency", "budget=0.6", "latency_batch_size=4", "latency_threads=1",
                                  "warmup_epochs=0", "search_epochs=1", "finetune_epochs=1", "max_steps_per_epoch=3",
-                                 "progress=false", "budget_slack=0.1", "select_finetune_steps=2"])
+                                 "progress=false", "budget_slack=0.1", "select_finetune_steps=2",
+                                 "search_resource=latency"])  # R = the table (the default searches on MACs)
     rep = uvclab.compress(cfg, tmp_path / "run")
     assert rep["budget_kind"] == "latency" and rep["latency_ratio_predicted"] <= 0.6
     sel = rep["selection"]  # skip candidates scored on validation, then timed until the export fits

@@ -207,7 +207,9 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
         agree = ranks_agree(uvc, structure)
         if not agree:
             raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
-        search_end_R, search_end_lat = uvc.last.get("expected_macs_ratio"), uvc.last.get("expected_latency_ratio")
+        search_end_R = uvc.last.get("expected_macs_ratio")
+        search_end_lat = uvc.last.get("expected_latency_ratio") or (  # searched on MACs: its structure's prediction
+            selection["search_structure_cost_ratio"] if cfg.budget_kind == "latency" else None)
         if rank() == 0:
             atomic_write_text(out / "uvc_state.json", json.dumps(
                 {**{k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)},

@@ -54,6 +54,7 @@ def choose_structure(cfg: CompressConfig, uvc: UVCPrimalDual, model, teacher, sp
         info: dict = {"select_skips": skip_mode(cfg)}
         if searched_on is not None:
             info["search_macs_budget"] = searched_on
+        info["search_structure_cost_ratio"] = cost_ratio(uvc, current_structure(uvc), cfg.layout)  # before the fit
         skip: list[int] = []
         if info["select_skips"] == "validation" and uvc.cfg.block_skip:
             n = cfg.select_eval_samples
