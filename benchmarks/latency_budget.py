@@ -93,7 +93,7 @@ def fashion_mnist(a) -> pd.DataFrame:
     table = latency_table(teacher, 64, 1)
     dense = export_model(teacher, Structure.dense(teacher))
     models = {n: load_pruned(f / "model") for n, f in folders.items() if (f / "model").exists()}
-    rows = timed_rows(models, dense, table, 64, 1)
+    rows = timed_rows(models, dense, table, 64, 1, rounds=a.rounds)
     for r in rows:
         rep = json.loads((folders[r["run"]] / "report.json").read_text())
         kind = r["run"].rsplit("_b", 1)[0]
@@ -113,8 +113,11 @@ def same_latency(df: pd.DataFrame) -> pd.DataFrame:
         lat = g.latency_ratio_measured.mean()
         inside = macs.latency_ratio_measured.min() <= lat <= macs.latency_ratio_measured.max()
         ref = float(np.interp(lat, macs.latency_ratio_measured, macs.top1)) if inside else None
+        near = (macs.latency_ratio_measured - lat).abs().idxmin()  # the MACs budget measured closest to it
         rows.append({"budget": b, "seeds": len(g), "measured": lat, "measured_max": g.latency_ratio_measured.max(),
-                     "top1": g.top1.mean(), "top1_sd": g.top1.std(), "macs_budget_top1_at_same_latency": ref})
+                     "top1": g.top1.mean(), "top1_sd": g.top1.std(), "macs_budget_top1_at_same_latency": ref,
+                     "nearest_macs_budget": near, "its_measured": macs.latency_ratio_measured[near],
+                     "its_top1": macs.top1[near]})
     return pd.DataFrame(rows)
 
 
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "latency_budget"))
     p.add_argument("--macs-runs", default=None, help="the Fashion-MNIST benchmark's run folders (uvc_b0.5_s0, ...)")
     p.add_argument("--macs-budgets", default="0.2,0.15,0.12", help="MACs budgets run here (comma-separated)")
+    p.add_argument("--rounds", type=int, default=21, help="fm: timing rounds (alternating order, median)")
     p.add_argument("--seeds", default="0,1,2", help="fm: seeds of the runs made here (comma-separated)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=200, help="deit_small: counts-only search steps")

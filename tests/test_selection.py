@@ -97,3 +97,17 @@ def test_macs_target_of_a_latency_budget_search_on_macs():
     assert 0 < lo < hi < 1
     with pytest.raises(UvclabError, match="search_resource"):
         load_config(overrides=["search_resource=flops"])
+
+
+def test_candidates_give_kept_blocks_their_full_head_width_back():
+    model = gate_vit(small_vit(depth=4))
+    uvc = UVCPrimalDual(model, UVCSettings(), budget=0.6)
+    Dh = uvc.shape.head_dim
+    with torch.no_grad():
+        uvc.r.fill_(Dh / 2)  # the search left every head at half its value width
+    narrow = selection.fit_structure(uvc, 0.05, "compact", skip=[1, 2])
+    assert all(len(d) == Dh // 2 for b in narrow.blocks if b.keep for d in b.v_dims)
+    st = selection.fit_candidate(uvc, 0.05, "compact", [1, 2])
+    assert [b.keep for b in st.blocks] == [True, False, False, True]
+    assert all(len(d) == Dh for b in st.blocks if b.keep for d in b.v_dims)
+    assert selection.cost_ratio(uvc, st, "compact") <= 0.6

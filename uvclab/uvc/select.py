@@ -76,15 +76,16 @@ def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = D
 
 
 def fit_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,
-                  budget: float | None = None, skip: Sequence[int] = ()) -> Structure:
+                  budget: float | None = None, skip: Sequence[int] = (), start: Structure | None = None) -> Structure:
     """`select_structure` on this process alone. `budget` replaces B (the measured-latency feedback aims
-    lower); `skip`: blocks skipped whatever the gates say (the skip candidates of `engine.selection`)."""
+    lower); `skip`: blocks skipped whatever the gates say (the skip candidates of `engine.selection`);
+    `start`: fit this structure instead of the counts' own."""
     dims, heads, neurons = uvc.scores()
     cost = {}
     if uvc.latency is not None:
         cost = dict(block_cost=lambda b: uvc.latency.block_ms(b, layout), fixed_cost=uvc.latency.fixed_ms)
     dense = uvc.dense_macs if uvc.latency is None else uvc.latency.predicted_dense_ms(uvc.shape.depth)
-    start = current_structure(uvc)
+    start = current_structure(uvc) if start is None else start
     for l in skip:
         start.blocks[l].keep = False
     return fit_to_budget(uvc.shape, start, heads, neurons, dense, uvc.budget if budget is None else budget, slack,
