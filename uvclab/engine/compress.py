@@ -235,11 +235,9 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
               "layout": cfg.layout, "train_images": train_images(cfg), "seconds": time.time() - t0,
               "world_size": world(), "ranks_agree": agree, "val_samples": len(splits.val),
-              "test_samples": len(splits.test), "budget_kind": cfg.budget_kind}
+              "test_samples": len(splits.test), "budget_kind": cfg.budget_kind, "selection": selection}
     if cfg.budget_kind == "latency":
         report.update(latency_report(cfg, model, structure, slim), search_end_latency_ratio=search_end_lat)
-    if selection is not None:
-        report["selection"] = selection
     if rank() == 0:
         save_pruned(slim.cpu(), out / "model", extra={"top1": top1, "teacher_top1": teacher_top1})
         atomic_write_text(out / "report.json", json.dumps(report, indent=1))
