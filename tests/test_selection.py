@@ -54,7 +54,7 @@ def _device(table, slowdown):
     """A fake device: the table's prediction times `slowdown` (1 = the table is right)."""
     dense_pred = table.predicted_dense_ms(2)
 
-    def measured(measure_ms, dense, slim, *a):
+    def measured(dense, slim, *a):
         return slowdown * table.structure_ms(Structure.from_dict(slim.uvclab_export["structure"])) / dense_pred
     return measured
 

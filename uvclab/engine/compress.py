@@ -142,13 +142,8 @@ def latency_report(cfg: CompressConfig, model, structure: Structure, slim) -> di
     table = latency_table_for(cfg, model)
     dense_pred = table.predicted_dense_ms(structure.depth)
     pred = table.structure_ms(structure, cfg.layout)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(table.key["threads"])
-    try:
-        dense_ms, ms = measure_ms([export_model(model, Structure.dense(model), cfg.layout), copy.deepcopy(slim)],
-                                  cfg.latency_batch_size, device=cfg.device)
-    finally:
-        torch.set_num_threads(threads)
+    dense_ms, ms = measure_ms([export_model(model, Structure.dense(model), cfg.layout), copy.deepcopy(slim)],
+                              cfg.latency_batch_size, device=cfg.device, threads=table.key["threads"])
     return {"latency_ratio_predicted": pred / dense_pred, "latency_ratio_measured": ms / dense_ms,
             "latency_ms_predicted": pred, "dense_latency_ms_predicted": dense_pred, "latency_ms": ms,
             "dense_latency_ms": dense_ms, "latency_batch_size": cfg.latency_batch_size,

@@ -34,6 +34,12 @@ def masked(model: torch.nn.Module, structure: Structure):
         open_all_gates(model)
 
 
+def masked_top1(model: torch.nn.Module, structure: Structure, dataset) -> float:
+    """Top-1 of a gated model with a structure's hard masks applied (no export, no training)."""
+    with masked(model, structure):
+        return evaluate(model, dataset)
+
+
 def kd_loss_fn(cfg: CompressConfig, model, teacher):
     """loss(x, y): the configured distillation loss of `model` against the frozen teacher."""
     def loss(x, y):
@@ -77,7 +83,6 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
     if table is not None and cfg.search_resource == "macs":  # search on MACs, select on latency (engine.selection)
         uvc = UVCPrimalDual(model, cfg.uvc, macs_budget_for_latency(model, table, cfg.macs_ratio, cfg.layout),
                             total_epochs=cfg.search_epochs, total_steps=cfg.search_epochs * steps, layout=cfg.layout)
-        uvc.selection_latency = table
     else:
         uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs,
                             total_steps=cfg.search_epochs * steps, latency=table, layout=cfg.layout)
@@ -110,8 +115,7 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
                         on_nonfinite=nonfinite_stop("search", epoch, out / "checkpoint.pt"))
         uvc.set_model_gates(None)
         st = current_structure(uvc)
-        with masked(model, st):
-            val = evaluate(model, splits.val)
+        val = masked_top1(model, st, splits.val)
         log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
                    "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
                    "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from uvclab.engine.config import CompressConfig
-from uvclab.engine.loop import evaluate
-from uvclab.engine.search import masked
+from uvclab.engine.loop import adamw_with_schedule, evaluate, seeded_loader, train_one_epoch
+from uvclab.engine.search import kd_loss_fn, latency_table_for, masked_top1
 from uvclab.errors import UvclabError
 from uvclab.uvc import UVCPrimalDual, current_structure
 from uvclab.uvc.select import fit_structure
@@ -47,8 +47,8 @@ def choose_structure(cfg: CompressConfig, uvc: UVCPrimalDual, model, teacher, sp
     """The final structure of a UVC search and what led to it (for report.json): skip candidates and, with a
     latency budget, the feedback rounds. Under torchrun rank 0 decides and every rank gets its result."""
     searched_on = None
-    if getattr(uvc, "selection_latency", None) is not None:  # searched on MACs (search_resource): select on latency
-        searched_on, uvc.latency, uvc.budget = uvc.budget, uvc.selection_latency, cfg.macs_ratio
+    if cfg.budget_kind == "latency" and uvc.latency is None:  # searched on MACs (search_resource): select on latency
+        searched_on, uvc.latency, uvc.budget = uvc.budget, latency_table_for(cfg, model), cfg.macs_ratio
 
     def decide():
         info: dict = {"select_skips": skip_mode(cfg)}
@@ -80,14 +80,11 @@ def candidate_score(cfg: CompressConfig, model, teacher, train_set, val_set):
     `select_finetune_steps` steps of the run's distillation fine-tuning (0: as exported). Before any
     fine-tuning, block-skipped structures look far better than they end (Fashion-MNIST, latency 0.5: 79 vs
     58-60 % for width-pruned ones that end 0.2 points above them); after 24 steps the order is the final one's."""
-    from uvclab.engine.loop import adamw_with_schedule, seeded_loader, train_one_epoch
-    from uvclab.engine.search import kd_loss_fn
     steps = cfg.select_finetune_steps
 
     def score(st: Structure) -> float:
         if steps == 0:
-            with masked(model, st):
-                return evaluate(model, val_set)
+            return masked_top1(model, st, val_set)
         slim = export_model(model, st, cfg.layout)
         opt, sched = adamw_with_schedule(slim, cfg.finetune_lr, cfg.weight_decay, steps, max(1, steps // 4))
         train_one_epoch(slim, seeded_loader(train_set, cfg.batch_size, cfg.seed * 100_003 + 5_000),
@@ -105,10 +102,6 @@ def skips_by_validation(uvc: UVCPrimalDual, model, score, val_set, slack: float,
     85.9); each candidate is fitted to the budget and scored by `score`.
     Stops when a candidate falls below the budget band (its kept blocks are whole: more skips only lose),
     when no structure fits, or after `patience` candidates in a row below the best so far."""
-    def masked_val(st: Structure) -> float:
-        with masked(model, st):
-            return evaluate(model, val_set)
-
     base = current_structure(uvc)
     skip: list[int] = [l for l, b in enumerate(base.blocks) if not b.keep]  # the gates' own skips stay skipped
     best, records, worse = None, [], 0
@@ -138,7 +131,7 @@ def skips_by_validation(uvc: UVCPrimalDual, model, score, val_set, slack: float,
         def without(l: int) -> float:
             trial.blocks[l].keep = False
             try:
-                return masked_val(trial)
+                return masked_top1(model, trial, val_set)
             finally:
                 trial.blocks[l].keep = True
         skip = sorted(skip + [max(kept, key=without)])
@@ -181,13 +174,12 @@ def measured_feedback(uvc: UVCPrimalDual, model, st: Structure, skip: list[int],
                       threads: Optional[int] = None, device: str = "cpu", log=None) -> tuple[Structure, list[dict]]:
     """Refit `st` until its export's measured latency ratio is <= budget x (1 + tolerance), at most `rounds`
     refits (on this process alone). Returns (structure, one record per timing)."""
-    from uvclab.vit.latency_build import measure_ms
     table = uvc.latency
     dense_pred = table.predicted_dense_ms(uvc.shape.depth)
     dense = export_model(model, Structure.dense(model), layout)
     records = []
     for i in range(rounds + 1):
-        ratio = _measured_ratio(measure_ms, dense, export_model(model, st, layout), batch_size, threads, device)
+        ratio = _measured_ratio(dense, export_model(model, st, layout), batch_size, threads, device)
         pred = table.structure_ms(st, layout) / dense_pred
         records.append({"round": i, "predicted": pred, "measured": ratio})
         if log is not None:
@@ -203,14 +195,10 @@ def measured_feedback(uvc: UVCPrimalDual, model, st: Structure, skip: list[int],
     return st, records
 
 
-def _measured_ratio(measure_ms, dense, slim, batch_size: int, threads: Optional[int], device: str) -> float:
-    saved = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        d, s = measure_ms([dense, slim], batch_size, device=device)
-    finally:
-        torch.set_num_threads(saved)
+def _measured_ratio(dense, slim, batch_size: int, threads: Optional[int], device: str) -> float:
+    """Measured ms of `slim` / ms of `dense`, timed together (alternating rounds, median)."""
+    from uvclab.vit.latency_build import measure_ms
+    d, s = measure_ms([dense, slim], batch_size, device=device, threads=threads)
     return s / d
 
 

@@ -14,8 +14,8 @@ import copy
 import torch
 
 from uvclab.engine.config import CompressConfig
-from uvclab.engine.loop import evaluate, seeded_loader
-from uvclab.engine.search import masked
+from uvclab.engine.loop import seeded_loader
+from uvclab.engine.search import masked_top1
 from uvclab.errors import UvclabError
 from uvclab.prune import baselines
 from uvclab.vit.structure import Structure
@@ -32,10 +32,7 @@ def one_shot_structure(cfg: CompressConfig, model: torch.nn.Module, teacher: tor
     if cfg.method == "depth":  # greedy on validation accuracy of the masked model (a subset, for time)
         probe = torch.utils.data.Subset(splits.val, range(min(1024, len(splits.val))))
 
-        def score(st: Structure) -> float:
-            with masked(model, st):
-                return evaluate(model, probe)
-        return baselines.depth_structure(model, cfg.macs_ratio, score=score)
+        return baselines.depth_structure(model, cfg.macs_ratio, score=lambda st: masked_top1(model, st, probe))
     if cfg.method in ("torch_pruning", "isomorphic"):
         from uvclab.prune.tp import torch_pruning_structure
         plain = copy.deepcopy(teacher)                 # a plain timm model with the student's weights

@@ -67,12 +67,11 @@ def current_structure(uvc: UVCPrimalDual) -> Structure:
                                  share_head_width=uvc.cfg.tie_dims)
 
 
-def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,
-                     budget: float | None = None, skip: Sequence[int] = ()) -> Structure:
+def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT) -> Structure:
     """Counts + gates -> Structure, fitted so that exported MACs (latency budget: predicted ms) lie in
     [B - slack, B] x dense (`fit_structure`). Under torchrun, rank 0's structure is the structure (identical
     anyway)."""
-    return broadcast_structure(fit_structure(uvc, slack, layout, budget, skip))
+    return broadcast_structure(fit_structure(uvc, slack, layout))
 
 
 def fit_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,

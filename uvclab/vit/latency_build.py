@@ -148,11 +148,18 @@ def time_calls(fns: Sequence[Callable[[], object]], rounds: int = 7, iters: int 
 
 
 def measure_ms(models: Sequence[nn.Module], batch_size: int, rounds: int = 9, iters: int = 2,
-               device: str | torch.device = "cpu") -> list[float]:
-    """Median ms per batch of each model on one random batch, timed in alternating rounds (e.g. dense, export)."""
+               device: str | torch.device = "cpu", threads: Optional[int] = None) -> list[float]:
+    """Median ms per batch of each model on one random batch, timed in alternating rounds (e.g. dense, export);
+    with `threads` torch's CPU threads for the timing only (a latency table's own count)."""
     models = [m.eval().to(device) for m in models]
     x = torch.randn(batch_size, *input_shape(models[0]), device=device)
-    return time_calls([lambda m=m: m(x) for m in models], rounds=rounds, iters=iters, device=device)
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return time_calls([lambda m=m: m(x) for m in models], rounds=rounds, iters=iters, device=device)
+    finally:
+        torch.set_num_threads(saved)
 
 
 # ---- the table ------------------------------------------------------------------------------------------
