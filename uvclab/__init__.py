@@ -5,21 +5,20 @@ Layers, low to high (each imports only from those below it): `vit` (models, gati
 the training loop, compress, teachers), `compare` (throughput, benchmark, run folders), `ui` (CLI, figures,
 widgets). This module is the curated public API.
 """
-__version__ = "0.2.0"
-
-from uvclab.errors import UvclabError  # noqa: E402
-from uvclab.vit.models import create_vit  # noqa: E402
-from uvclab.vit.gated import gate_vit, explicit_attention  # noqa: E402
-from uvclab.vit.structure import Structure, BlockStructure, apply_structure  # noqa: E402
-from uvclab.vit.macs import count, macs_table, vit_shape, expected_macs  # noqa: E402
-from uvclab.vit.export import export_model, save_pruned, load_pruned  # noqa: E402
-from uvclab.uvc import UVCPrimalDual, UVCSettings  # noqa: E402
-from uvclab.engine.config import CompressConfig, TeacherConfig, load_config  # noqa: E402
-from uvclab.engine.compress import compress  # noqa: E402
-from uvclab.engine.teacher import load_teacher, train_teacher  # noqa: E402
-from uvclab.compare.deploy import export_onnx  # noqa: E402
-from uvclab.compare.behaviour import compare_runs  # noqa: E402
-from uvclab.compare.provenance import provenance  # noqa: E402
+from uvclab.version import __version__  # noqa: F401
+from uvclab.errors import UvclabError
+from uvclab.vit.models import create_vit
+from uvclab.vit.gated import gate_vit, explicit_attention
+from uvclab.vit.structure import Structure, BlockStructure, apply_structure
+from uvclab.vit.macs import count, macs_table, vit_shape, expected_macs
+from uvclab.vit.export import export_model, save_pruned, load_pruned
+from uvclab.uvc import UVCPrimalDual, UVCSettings
+from uvclab.engine.config import CompressConfig, TeacherConfig, load_config
+from uvclab.engine.compress import compress
+from uvclab.engine.teacher import load_teacher, train_teacher
+from uvclab.compare.deploy import export_onnx
+from uvclab.compare.behaviour import compare_runs
+from uvclab.compare.provenance import provenance
 
 __all__ = ["UvclabError", "create_vit", "gate_vit", "explicit_attention", "Structure", "BlockStructure",
            "apply_structure", "count", "macs_table", "vit_shape", "expected_macs", "export_model",

@@ -6,3 +6,10 @@ Every message says what went wrong and how to fix it; the CLI prints it without 
 
 class UvclabError(ValueError):
     """A user-facing error whose message names the fix."""
+
+
+def at_least_one(obj, names, prefix: str = "") -> None:
+    """Config fields that are optional counts: None (no limit) or >= 1, else a clear error."""
+    for name in names:
+        if getattr(obj, name) is not None and getattr(obj, name) < 1:
+            raise UvclabError(f"{prefix}{name} must be >= 1 (or null for no limit).")

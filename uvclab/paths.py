@@ -1,4 +1,4 @@
-"""Where data, reference teachers and runs live: resolved here and nowhere else.
+"""Where data, reference teachers and runs live, and the names of a run folder's files: here and nowhere else.
 
 UVCLAB_DATA overrides the data folder (default: the repository's `data/`), UVCLAB_RUNS the runs folder
 (default: `runs/` in the current directory).
@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# the files of a run folder (`uvclab compress --out`), by role
+REPORT, CONFIG, CHECKPOINT, METRICS = "report.json", "config.yaml", "checkpoint.pt", "metrics.jsonl"
+STRUCTURE, UVC_STATE, MODEL_DIR = "structure.json", "uvc_state.json", "model"
 
 
 def data_dir() -> Path:

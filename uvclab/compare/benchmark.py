@@ -22,14 +22,16 @@ import pandas as pd
 import torch
 
 from uvclab.engine.config import ABLATIONS, CompressConfig, load_config
+from uvclab.engine.strategies import STRATEGIES
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write_text
+from uvclab.paths import CHECKPOINT, CONFIG, MODEL_DIR, REPORT
 
 VARIANTS = {  # benchmark label -> config overrides; every label runs through the same `compress`
     **{("uvc" if a == "uvc" else f"uvc_{a}"): {"method": "uvc", **ABLATIONS[a]}
        for a in ("uvc", "no_kd", "prune_only", "skip_only")},
     "uvc_gates": {"method": "uvc", "uvc.gating_weight": 1.0},   # skip gates strong enough to decide (see README)
-    **{m: {"method": m} for m in ("uniform", "magnitude", "torch_pruning", "isomorphic", "depth")},
+    **{m: {"method": m} for m in STRATEGIES if m != "uvc"},   # every one-shot method of the strategy table
 }
 UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
 ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)
@@ -82,19 +84,19 @@ def run_method(method: str, cfg: CompressConfig, out: str | Path) -> dict:
     from uvclab.vit.export import load_pruned
     from uvclab.vit.macs import flop_counter_macs
     out = Path(out)
-    if (out / "report.json").exists() and "macs_independent" in json.loads((out / "report.json").read_text()):
-        return json.loads((out / "report.json").read_text())
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    report = compress(cfg, out, resume=(out / "checkpoint.pt").exists())
-    slim = load_pruned(out / "model")
+    if (out / REPORT).exists() and "macs_independent" in json.loads((out / REPORT).read_text()):
+        return json.loads((out / REPORT).read_text())
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
+    report = compress(cfg, out, resume=(out / CHECKPOINT).exists())
+    slim = load_pruned(out / MODEL_DIR)
     teacher = load_teacher(teacher_path(cfg))
     dense = flop_counter_macs(teacher)
     report.update(method=method, macs_ratio_calculator=report["macs_ratio"], macs_independent=flop_counter_macs(slim),
                   dense_macs_independent=dense)
     report["macs_ratio"] = report["macs_independent"] / dense
     report["params_ratio"] = sum(p.numel() for p in slim.parameters()) / sum(p.numel() for p in teacher.parameters())
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(out / REPORT, json.dumps(report, indent=1))
     return report
 
 
@@ -111,7 +113,7 @@ def _job(args) -> dict:
 
 
 def run_jobs(jobs: list[tuple[str, CompressConfig, Path]], workers: int = 1, log=print) -> list[dict]:
-    """Run (method, config, folder) jobs, `workers` processes at a time (each with cfg.threads threads)."""
+    """Run (method, config, folder) jobs, `workers` processes at a time (each with cfg.run.threads threads)."""
     args = [(m, c.to_dict(), str(o)) for m, c, o in jobs]
     done = []
     if workers <= 1:
@@ -188,17 +190,17 @@ def measure_speed(runs: Path, protocol: Protocol, log=print, runtime: str = "tor
     if protocol.speed_threads:
         torch.set_num_threads(protocol.speed_threads)
     try:
-        for rep in sorted(runs.glob("*/report.json")):
+        for rep in sorted(runs.glob(f"*/{REPORT}")):
             out = rep.parent / SPEED_FILES[runtime]
-            if out.exists() or not (rep.parent / "model" / "uvclab.json").exists():
+            if out.exists() or not (rep.parent / MODEL_DIR / "uvclab.json").exists():
                 continue
             r = json.loads(rep.read_text())
-            path = teacher_path(load_config(rep.parent / "config.yaml"))
+            path = teacher_path(load_config(rep.parent / CONFIG))
             if path not in teachers:  # the dense model is loaded (and exported to ONNX) once
                 teachers[path] = load_teacher(path)
                 if runtime == "onnxruntime":
                     teachers[path] = OrtModel(teachers[path], protocol.speed_batch_size)
-            res = compare_throughput(teachers[path], load_pruned(rep.parent / "model"), protocol.speed_batch_size,
+            res = compare_throughput(teachers[path], load_pruned(rep.parent / MODEL_DIR), protocol.speed_batch_size,
                                      rounds=protocol.speed_rounds, iters=protocol.speed_iters,
                                      dense_macs=r["dense_macs_independent"], exported_macs=r["macs_independent"],
                                      runtime=runtime)
@@ -211,7 +213,7 @@ def measure_speed(runs: Path, protocol: Protocol, log=print, runtime: str = "tor
 def results_table(runs: str | Path) -> pd.DataFrame:
     """One row per finished run (COLUMNS first), speedup from `speed.json` when measured."""
     rows = []
-    for rep in sorted(Path(runs).glob("*/report.json")):
+    for rep in sorted(Path(runs).glob(f"*/{REPORT}")):
         r = json.loads(rep.read_text())
         for col, name in (("speedup", "speed.json"), ("ort_speedup", "ort_speed.json")):
             sp = rep.parent / name

@@ -1,18 +1,19 @@
 """Throughput of a dense model against its exported (physically slimmed) version on this machine.
 
-Both models run in one process on the same batch, in alternating rounds after a warm-up, so that drifts of
-the machine hit both alike, in PyTorch or (runtime="onnxruntime", `uvclab.compare.deploy.OrtModel`) in ONNX Runtime. Reports images/s, the measured speedup and the MACs ratio next to it; the goal
-is speedup >= 0.9 x (dense MACs / exported MACs).
+Both models run in one process on the same batch, in alternating rounds after a warm-up (the latency table's
+timer, `uvclab.vit.latency_build.time_calls`), so that drifts of the machine hit both alike, in PyTorch or
+(runtime="onnxruntime", `uvclab.compare.deploy.OrtModel`) in ONNX Runtime. Reports images/s, the measured
+speedup and the MACs ratio next to it; the goal is speedup >= 0.9 x (dense MACs / exported MACs).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
 from uvclab.errors import UvclabError
+from uvclab.vit.latency_build import time_calls
 from uvclab.vit.macs import count, vit_shape
 from uvclab.vit.models import input_shape
 
@@ -43,14 +44,6 @@ class BenchResult:
 
 
 @torch.inference_mode()
-def _time_once(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        model(x)
-    return (time.perf_counter() - start) / iters
-
-
-@torch.inference_mode()
 def compare_throughput(dense: torch.nn.Module, exported: torch.nn.Module, batch_size: int = 32,
                        rounds: int = 5, iters: int = 2, warmup: int = 1, dense_macs: Optional[int] = None,
                        exported_macs: Optional[int] = None, runtime: str = "torch",
@@ -71,14 +64,8 @@ def compare_throughput(dense: torch.nn.Module, exported: torch.nn.Module, batch_
     x = torch.randn(batch_size, *input_shape(dense))
     if runtime == "torch":
         run_dense, run_exported = dense, exported
-    for _ in range(warmup):
-        _time_once(run_dense, x, 1)
-        _time_once(run_exported, x, 1)
-    td, te = [], []
-    for _ in range(rounds):
-        td.append(_time_once(run_dense, x, iters))
-        te.append(_time_once(run_exported, x, iters))
-    td_med, te_med = sorted(td)[len(td) // 2], sorted(te)[len(te) // 2]
+    td_med, te_med = (ms / 1000 for ms in time_calls([lambda: run_dense(x), lambda: run_exported(x)], rounds, iters,
+                                                     max(1, warmup), min_ms=0.0))
     dm = dense_macs if dense_macs is not None else count(vit_shape(dense))["macs"]
     em = exported_macs if exported_macs is not None else count(exported)["macs"]
     speedup = td_med / te_med

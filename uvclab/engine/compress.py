@@ -1,6 +1,6 @@
 """`compress`: the one pipeline every method runs through.
 
-config -> data + teacher -> gated student -> structure strategy (UVC search or a one-shot baseline) ->
+config -> data + teacher -> gated student -> structure strategy (`strategies.STRATEGIES[cfg.method]`) ->
 Structure -> export -> validation before fine-tuning -> fine-tune with distillation (best epoch on
 validation) -> report. The run folder holds config.yaml, metrics.jsonl, structure.json, uvc_state.json
 (UVC), model/ (safetensors + uvclab.json), report.json and checkpoint.pt (atomic, every epoch; `resume=True`
@@ -19,21 +19,22 @@ from typing import Optional
 
 import torch
 
-from uvclab import __version__
 from uvclab.engine.config import CompressConfig
 from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs_for_data
-from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, rank, seeded_loader, set_seed,
-                                steps_per_epoch, train_one_epoch, world)
+from uvclab.engine.distill import kd_loss_fn
+from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, seeded_loader, set_seed,
+                                steps_per_epoch, train_one_epoch)
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, open_run_folder, save_checkpoint
-from uvclab.engine.search import kd_loss_fn, latency_table_for, search
-from uvclab.engine.selection import choose_structure
-from uvclab.engine.strategies import one_shot_structure
+from uvclab.engine.strategies import STRATEGIES, Job
 from uvclab.engine.teacher import load_teacher
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write_text
-from uvclab.paths import default_teacher
-from uvclab.uvc import ranks_agree
+from uvclab.paths import CHECKPOINT, METRICS, MODEL_DIR, REPORT, STRUCTURE, default_teacher
+from uvclab.ranks import rank, world
+from uvclab.version import __version__
 from uvclab.vit.export import export_model, save_pruned
+from uvclab.vit.latency import LatencyTable
+from uvclab.vit.latency_build import latency_table, measure_ms
 from uvclab.vit.gated import gate_vit
 from uvclab.vit.macs import count
 from uvclab.vit.models import create_vit, load_state_dict_file
@@ -100,9 +101,11 @@ def train_images(cfg: CompressConfig) -> Optional[int]:
 
 # ---- stage 2 -----------------------------------------------------------------------------------------
 
-def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: MetricsLog, ckpt: Optional[dict]):
-    """Fine-tune the exported model with KD; best epoch chosen on validation.
-    Returns (best model, its validation top-1, the validation top-1 before fine-tuning)."""
+def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: MetricsLog, ckpt: Optional[dict],
+             notes: dict):
+    """Fine-tune the exported model with KD; best epoch chosen on validation (`notes`: the strategy's report
+    entries, kept in the checkpoint for a resume). Returns (best model, its validation top-1, the validation
+    top-1 before fine-tuning)."""
     epochs = finetune_epochs(cfg)
     ddp_model = torch.nn.parallel.DistributedDataParallel(slim) if world() > 1 else slim
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
@@ -117,37 +120,37 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
         sched.load_state_dict(ckpt["sched"])
         torch.set_rng_state(ckpt["rng"])
         best_val, best_state, start, start_val = ckpt["best_val"], ckpt["best_model"], ckpt["epoch"], ckpt["start_val"]
-    loss_fn = kd_loss_fn(cfg, ddp_model, teacher)
+    loss_fn = kd_loss_fn(ddp_model, teacher, cfg.kd, cfg.kd_alpha, cfg.kd_tau, cfg.kd_reduction)
     for epoch in range(start, epochs):
         loss = train_one_epoch(slim, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
-                                                   num_workers=cfg.num_workers),
-                               opt, sched, loss_fn, steps=steps, progress=cfg.progress,
+                                                   num_workers=cfg.run.num_workers),
+                               opt, sched, loss_fn, steps=steps, progress=cfg.run.progress,
                                desc=f"fine-tune {epoch + 1}/{epochs}",
-                               on_nonfinite=nonfinite_stop("fine-tune", epoch, out / "checkpoint.pt"))
+                               on_nonfinite=nonfinite_stop("fine-tune", epoch, out / CHECKPOINT))
         val = evaluate(slim, splits.val)
         if val > best_val:
             best_val, best_state = val, copy.deepcopy(slim.state_dict())
         log.write({"stage": "finetune_epoch", "epoch": epoch, "loss": loss, "val_top1": val, "best_val_top1": best_val})
-        save_checkpoint(out / "checkpoint.pt", {"stage": "finetune", "epoch": epoch + 1, "model": slim.state_dict(),
-                                                "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                                "rng": torch.get_rng_state(), "best_val": best_val,
-                                                "best_model": best_state, "start_val": start_val})
+        save_checkpoint(out / CHECKPOINT, {"stage": "finetune", "epoch": epoch + 1, "model": slim.state_dict(),
+                                           "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                           "rng": torch.get_rng_state(), "best_val": best_val,
+                                           "best_model": best_state, "start_val": start_val, "notes": notes})
     slim.load_state_dict(best_state)
     return slim.eval(), best_val, start_val
 
 
-def latency_report(cfg: CompressConfig, model, structure: Structure, slim) -> dict:
-    """Predicted (the table) and measured (dense vs export, alternating rounds) latency at the table's batch."""
-    from uvclab.vit.latency_build import measure_ms
-    table = latency_table_for(cfg, model)
+def latency_report(table: LatencyTable, model, structure: Structure, slim, layout: str, device: str) -> dict:
+    """Predicted (the table) and measured (dense vs export, alternating rounds) latency at the table's batch
+    and threads."""
     dense_pred = table.predicted_dense_ms(structure.depth)
-    pred = table.structure_ms(structure, cfg.layout)
-    dense_ms, ms = measure_ms([export_model(model, Structure.dense(model), cfg.layout), copy.deepcopy(slim)],
-                              cfg.latency_batch_size, device=cfg.device, threads=table.key["threads"])
+    pred = table.structure_ms(structure, layout)
+    batch, threads = table.key["batch_size"], table.key["threads"]
+    dense_ms, ms = measure_ms([export_model(model, Structure.dense(model), layout), copy.deepcopy(slim)], batch,
+                              device=device, threads=threads)
     return {"latency_ratio_predicted": pred / dense_pred, "latency_ratio_measured": ms / dense_ms,
             "latency_ms_predicted": pred, "dense_latency_ms_predicted": dense_pred, "latency_ms": ms,
-            "dense_latency_ms": dense_ms, "latency_batch_size": cfg.latency_batch_size,
-            "latency_threads": table.key["threads"], "latency_device": table.key["device"]}
+            "dense_latency_ms": dense_ms, "latency_batch_size": batch, "latency_threads": threads,
+            "latency_device": table.key["device"]}
 
 
 # ---- the whole job -----------------------------------------------------------------------------------
@@ -166,75 +169,55 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
     """Run one method end to end; returns the report (also written to out/report.json).
     resume: False, True or 'auto' (see `runfiles.resume_mode`); a torchrun restart continues by itself."""
     out = Path(out)
-    init_distributed(cfg.device)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    init_distributed(cfg.run.device)
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
         raise UvclabError("device='cuda' but no GPU is visible; use --set device=cpu.")
     ckpt = open_run_folder(cfg, out, resume)
     if ckpt is not None and cfg.model is not None:
         _check_t2t_stem(cfg, ckpt.get("model") or {}, out)
-    if ckpt is not None and ckpt.get("stage") == "done" and (out / "report.json").exists():
-        return json.loads((out / "report.json").read_text())
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    if ckpt is not None and ckpt.get("stage") == "done" and (out / REPORT).exists():
+        return json.loads((out / REPORT).read_text())
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
     set_seed(cfg.seed)
     t0 = time.time()
     model, teacher, splits = build_models(cfg)
-    device = torch.device(cfg.device)
+    device = torch.device(cfg.run.device)
     model.to(device)
     teacher.to(device)
-    log = MetricsLog(out / "metrics.jsonl", fresh=ckpt is None)
+    log = MetricsLog(out / METRICS, fresh=ckpt is None)
     teacher_top1 = evaluate(teacher, splits.test)
     dense = count(model)
-
-    agree = None  # checked right after the search (kept in uvc_state.json for a resume in stage 2)
-    search_end_R = None  # UVC: the expected MACs ratio where the search ended, before the final fit
-    search_end_lat = None  # UVC with a latency budget: the predicted latency ratio there (the constrained R)
-    selection = None  # UVC: how the final structure was chosen (skip candidates, latency feedback rounds)
+    table = None  # a latency budget's table: cached, or measured (and cached) now
+    if cfg.budget_kind == "latency":
+        table = latency_table(model, cfg.uvc.latency_batch_size, cfg.uvc.latency_threads or cfg.run.threads,
+                              cfg.run.device, progress=cfg.run.progress)
     if ckpt is not None and ckpt["stage"] == "finetune":
-        structure = Structure.load(out / "structure.json")
-        if (out / "uvc_state.json").exists():
-            saved = json.loads((out / "uvc_state.json").read_text())
-            search_end_R, agree = saved.get("expected_macs_ratio_end"), saved.get("ranks_agree")
-            search_end_lat, selection = saved.get("expected_latency_ratio_end"), saved.get("selection")
-    elif cfg.method == "uvc":
-        uvc = search(cfg, model, teacher, splits, out, log, ckpt)
-        structure, selection = choose_structure(cfg, uvc, model, teacher, splits, log)
-        agree = ranks_agree(uvc, structure)
-        if not agree:
-            raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
-        search_end_R = uvc.last.get("expected_macs_ratio")
-        search_end_lat = uvc.last.get("expected_latency_ratio") or (  # searched on MACs: its structure's prediction
-            selection["search_structure_cost_ratio"] if cfg.budget_kind == "latency" else None)
-        if rank() == 0:
-            atomic_write_text(out / "uvc_state.json", json.dumps(
-                {**{k: v.tolist() for k, v in uvc.state_dict().items() if isinstance(v, torch.Tensor)},
-                 "expected_macs_ratio_end": search_end_R, "expected_latency_ratio_end": search_end_lat,
-                 "ranks_agree": agree, "selection": selection}))
+        structure, notes = Structure.load(out / STRUCTURE), ckpt.get("notes", {})
     else:
-        structure = one_shot_structure(cfg, model, teacher, splits)
-    if ckpt is None or ckpt["stage"] != "finetune":
+        job = Job(cfg, model, teacher, splits, out, log, ckpt, table)
+        structure, notes, ckpt = STRATEGIES[cfg.method](job), job.notes, None
         if rank() == 0:
-            structure.save(out / "structure.json")
-        ckpt = None
+            structure.save(out / STRUCTURE)
     slim = export_model(model, structure, cfg.layout).to(device)
-    slim, best_val, val_before_finetune = finetune(cfg, slim, teacher, splits, out, log, ckpt)
+    slim, best_val, val_before_finetune = finetune(cfg, slim, teacher, splits, out, log, ckpt, notes)
     top1 = evaluate(slim, splits.test)
     slim_count = count(model, structure, cfg.layout)
     report = {"uvclab_version": __version__, "method": cfg.method, "model": model.uvclab_config,
               "dataset": cfg.dataset, "seed": cfg.seed, "teacher_top1": teacher_top1, "top1": top1,
               "val_top1": best_val, "val_top1_before_finetune": val_before_finetune, "budget": cfg.macs_ratio,
-              "search_end_macs_ratio": search_end_R,
+              "search_end_macs_ratio": None,
               "macs": slim_count["macs"], "dense_macs": dense["macs"], "macs_ratio": slim_count["macs"] / dense["macs"],
               "params": slim_count["params"], "dense_params": dense["params"],
               "params_ratio": slim_count["params"] / dense["params"],
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
               "layout": cfg.layout, "train_images": train_images(cfg), "seconds": time.time() - t0,
-              "world_size": world(), "ranks_agree": agree, "val_samples": len(splits.val),
-              "test_samples": len(splits.test), "budget_kind": cfg.budget_kind, "selection": selection}
-    if cfg.budget_kind == "latency":
-        report.update(latency_report(cfg, model, structure, slim), search_end_latency_ratio=search_end_lat)
+              "world_size": world(), "val_samples": len(splits.val), "test_samples": len(splits.test),
+              "budget_kind": cfg.budget_kind, "selection": None, **notes}
+    if table is not None:
+        report.update(latency_report(table, model, structure, slim, cfg.layout, cfg.run.device))
     if rank() == 0:
-        save_pruned(slim.cpu(), out / "model", extra={"top1": top1, "teacher_top1": teacher_top1})
-        atomic_write_text(out / "report.json", json.dumps(report, indent=1))
-        save_checkpoint(out / "checkpoint.pt", {"stage": "done"})
+        save_pruned(slim.cpu(), out / MODEL_DIR, extra={"top1": top1, "teacher_top1": teacher_top1})
+        atomic_write_text(out / REPORT, json.dumps(report, indent=1))
+        save_checkpoint(out / CHECKPOINT, {"stage": "done"})
     return report

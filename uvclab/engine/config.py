@@ -1,8 +1,9 @@
 """Run settings: frozen dataclasses, YAML in and out, one `--set key=value` parser for every command.
 
-`CompressConfig` drives `uvclab compress` (UVC optimiser settings under `uvc.`, see
-`uvclab.uvc.settings.UVCSettings`); `TeacherConfig` drives `uvclab teacher`. The same field names appear in
-YAML files, notebook parameters and CLI `--set` flags. Compress defaults are the embedded job: the digits
+`CompressConfig` drives `uvclab compress`: top-level keys every method reads, and sections `run.` (how the
+job runs) and `uvc.` (`uvclab.uvc.settings.UVCSettings`: the optimiser and its final structure); flat keys
+of older configs move into their section (`into_sections`). `TeacherConfig` drives `uvclab teacher`. The same
+field names appear in YAML files, notebook parameters and CLI `--set` flags. Compress defaults are the embedded job: the digits
 reference teacher compressed to half its MACs in well under a minute on 2 CPU cores.
 """
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from uvclab.vit.macs import LAYOUTS, check_budget
-from uvclab.errors import UvclabError
+from uvclab.errors import UvclabError, at_least_one
+from uvclab.io_utils import atomic_write_text, read_yaml
 from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
+from uvclab.engine.strategies import STRATEGIES
 from uvclab.uvc.settings import UVCSettings
 
 BUDGET_KINDS = ("macs", "latency")
-SKIP_SELECTIONS = ("auto", "gates", "validation")
-METHODS = ("uvc", "magnitude", "uniform", "depth", "torch_pruning", "isomorphic")  # structure strategies
 ABLATIONS = {  # UVC with one ingredient changed: name -> dotted config overrides (notebook 03, the benchmark)
     "uvc": {},
     "hard_kd": {"kd": "hard"},
@@ -32,10 +33,22 @@ ABLATIONS = {  # UVC with one ingredient changed: name -> dotted config override
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """How a job runs rather than what it computes (config keys `run.*`; a flat `device` still works)."""
+    device: str = "cpu"                  # cpu | cuda | cuda:N
+    threads: Optional[int] = None        # torch CPU threads (None: torch's default)
+    num_workers: int = 0                 # DataLoader worker processes
+    progress: bool = True                # tqdm bars
+
+    def __post_init__(self):
+        at_least_one(self, ("threads",), "run.")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
-    method: str = "uvc"                  # structure strategy: uvc (the search) | magnitude | uniform | depth |
-                                         # torch_pruning | isomorphic (one-shot cuts; they fine-tune for the
-                                         # warm-up + search epochs too, so every method sees the same images)
+    method: str = "uvc"                  # structure strategy, a name in engine.strategies.STRATEGIES: uvc (the
+                                         # search) or a one-shot cut (they fine-tune for the warm-up + search
+                                         # epochs too, so every method sees the same images)
     model: Optional[str] = None          # timm name; None = the teacher's architecture
     model_kwargs: dict = field(default_factory=dict)  # timm kwargs (img_size, depth, num_classes, ...)
     pretrained: bool = False             # start from timm's pretrained weights (online)
@@ -49,23 +62,7 @@ class CompressConfig:
                                          # budget_kind latency the predicted latency, <= B x dense
     budget_kind: str = "macs"            # macs | latency (UVC: R = the latency table's predicted ms / dense;
                                          # report.json adds the measured latency of dense and export)
-    latency_batch_size: int = 64         # latency budget: the batch the table is measured (and the export timed) at
-    latency_threads: Optional[int] = None  # latency budget: torch threads when timing (None: `threads`, else torch's)
-    search_resource: str = "macs"        # latency budget: the search's R: macs (MACs, to the MACs ratio of a
-                                         # magnitude cut predicted at the latency budget; chosen on validation) |
-                                         # latency (the table's prediction); the final structure is fitted to the
-                                         # latency budget either way
-    latency_feedback: int = 3            # latency budget: refits when the export measures over the budget (0: off)
-    latency_tolerance: float = 0.02      # latency budget: measured ratio accepted up to B x (1 + this)
-    select_skips: str = "auto"           # UVC's final structure: which blocks to skip: gates (the search's own
-                                         # decisions) | validation (candidates with 0, 1, 2.. blocks skipped, the
-                                         # best on validation) | auto (validation for a latency budget, else gates)
-    select_eval_samples: Optional[int] = 1000  # validation images per skip candidate (null: all)
-    select_finetune_steps: int = 24      # distillation steps each skip candidate gets before it is scored (0: none)
-    select_patience: Optional[int] = None  # stop adding skips after this many candidates in a row below the best
-                                         # (null: until a candidate falls below the budget band)
     seed: int = 0
-    device: str = "cpu"                  # cpu | cuda | cuda:N
     batch_size: int = 64
     lr: float = 5e-4                     # stage-1 AdamW lr (reference: 1e-4 at batch 256 on ImageNet)
     weight_decay: float = 0.05
@@ -83,10 +80,8 @@ class CompressConfig:
     max_steps_per_epoch: Optional[int] = None  # cap for quick runs
     eval_max_samples: Optional[int] = None  # cap on validation images (quick runs; in report.json)
     test_max_samples: Optional[int] = None  # cap on test images (None: the whole test split, for reported numbers)
-    threads: Optional[int] = None        # torch CPU threads (None: torch's default)
-    num_workers: int = 0
-    progress: bool = True                # tqdm bars
-    uvc: UVCSettings = field(default_factory=UVCSettings)
+    run: RunSettings = field(default_factory=RunSettings)  # how the job runs: device, threads, workers, bars
+    uvc: UVCSettings = field(default_factory=UVCSettings)  # method uvc: the optimiser and its final structure
 
     def __post_init__(self):
         check_budget(self.macs_ratio)
@@ -95,8 +90,8 @@ class CompressConfig:
         if self.budget_kind == "latency" and self.method != "uvc":
             raise UvclabError(f"budget_kind=latency needs method=uvc (the one-shot method '{self.method}' cuts to "
                               "a MACs budget); use budget_kind=macs.")
-        if self.method not in METHODS:
-            raise UvclabError(f"method='{self.method}' is not one of {METHODS}.")
+        if self.method not in STRATEGIES:
+            raise UvclabError(f"method='{self.method}' is not one of {tuple(STRATEGIES)}.")
         from uvclab.engine.data import DATASETS
         if self.dataset not in DATASETS:
             raise UvclabError(f"Unknown dataset '{self.dataset}'. Choose one of: {', '.join(DATASETS)}.")
@@ -111,16 +106,7 @@ class CompressConfig:
                 raise UvclabError(f"{name} must be >= 0.")
         if self.batch_size < 1 or self.lr <= 0 or self.finetune_lr <= 0:
             raise UvclabError("batch_size, lr and finetune_lr must be positive.")
-        for name in ("max_steps_per_epoch", "eval_max_samples", "test_max_samples", "threads", "latency_threads",
-                     "latency_batch_size", "select_eval_samples", "select_patience"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UvclabError(f"{name} must be >= 1 (or null for no limit).")
-        if self.search_resource not in BUDGET_KINDS:
-            raise UvclabError(f"search_resource='{self.search_resource}' is not one of {BUDGET_KINDS}.")
-        if self.select_skips not in SKIP_SELECTIONS:
-            raise UvclabError(f"select_skips='{self.select_skips}' is not one of {SKIP_SELECTIONS}.")
-        if self.latency_feedback < 0 or self.latency_tolerance < 0 or self.select_finetune_steps < 0:
-            raise UvclabError("latency_feedback, latency_tolerance and select_finetune_steps must be >= 0.")
+        at_least_one(self, ("max_steps_per_epoch", "eval_max_samples", "test_max_samples"))
         if not 0 <= self.kd_alpha <= 1:
             raise UvclabError(f"kd_alpha={self.kd_alpha} must be in [0, 1].")
         if self.model is None and self.teacher is None:
@@ -132,17 +118,18 @@ class CompressConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompressConfig":
-        d = dict(d)
+        d = into_sections(cls, d)
         if "budget" in d:  # the budget's other name: one value, whatever its kind
             b = d.pop("budget")
             if "macs_ratio" in d and d["macs_ratio"] != b:
                 raise UvclabError(f"budget={b} and macs_ratio={d['macs_ratio']} disagree; they are one key, give one.")
             d["macs_ratio"] = b
-        uvc = d.pop("uvc", None) or {}
-        if isinstance(uvc, dict):
-            uvc = {k: v for k, v in uvc.items() if k != "macs_ratio"}  # run folders before 0.2 copied the budget here
-            uvc = _from_dict(UVCSettings, uvc, "uvc.")
-        return _from_dict(cls, dict(d, uvc=uvc))
+        if isinstance(d.get("uvc"), dict):  # run folders before 0.2 copied the budget into uvc
+            d["uvc"] = {k: v for k, v in d["uvc"].items() if k != "macs_ratio"}
+        for name, section in _sections(cls).items():
+            if isinstance(d.get(name), dict):
+                d[name] = _from_dict(section, d[name], f"{name}.")
+        return _from_dict(cls, d)
 
     def save(self, path: str | Path) -> None:
         save_yaml(self, path)
@@ -188,6 +175,31 @@ class TeacherConfig:
         save_yaml(self, path)
 
 
+def _sections(cls) -> dict:
+    """name -> dataclass of the config's sections (fields that are dataclasses themselves: run, uvc)."""
+    return {f.name: f.default_factory for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default_factory)}
+
+
+def into_sections(cls, d: dict) -> dict:
+    """Configs from before the sections (flat YAML, run folders, `--set device=cuda`, notebook parameters): a key
+    that is no field of `cls` but a field of exactly one of its sections moves into that section
+    (`device` -> `run.device`, `select_skips` -> `uvc.select_skips`). The one place old keys are mapped."""
+    top, sections = {f.name for f in dataclasses.fields(cls)}, _sections(cls)
+    out = {k: dict(v) if isinstance(v, dict) and k in sections else v for k, v in d.items()}
+    for key in [k for k in d if k not in top]:
+        homes = [n for n, sec in sections.items() if key in {f.name for f in dataclasses.fields(sec)}]
+        if len(homes) > 1:
+            raise UvclabError(f"'{key}' is a key of several sections ({', '.join(h + '.' + key for h in homes)}); "
+                              "give it with its section.")
+        if homes:
+            sec = out.setdefault(homes[0], {})
+            sec = out[homes[0]] = sec if isinstance(sec, dict) else dataclasses.asdict(sec)
+            if key in sec and sec[key] != d[key]:
+                raise UvclabError(f"{key}={d[key]!r} and {homes[0]}.{key}={sec[key]!r} disagree; give one of them.")
+            sec[key] = out.pop(key)
+    return out
+
+
 def _from_dict(cls, d: dict, prefix: str = ""):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
@@ -200,7 +212,6 @@ def _from_dict(cls, d: dict, prefix: str = ""):
 
 
 def save_yaml(cfg, path: str | Path) -> None:
-    from uvclab.io_utils import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
@@ -224,22 +235,6 @@ def _numbers(cls, d: dict, prefix: str = "") -> dict:
             raise UvclabError(f"{prefix}{k}={v!r} must be {kind}.") from None
         out[k] = num if "float" in t else int(num)
     return out
-
-
-def read_yaml(path: Optional[str | Path]) -> dict:
-    """A YAML mapping from a file (empty without a path); clear errors for a missing or malformed file."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise UvclabError(f"Config file '{p}' does not exist.")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UvclabError(f"Config file '{p}' is not valid YAML: {e}") from e
-    if not isinstance(d, dict):
-        raise UvclabError(f"Config file '{p}' must hold a mapping of keys to values.")
-    return d
 
 
 def parse_overrides(items, into: Optional[dict] = None) -> dict:
@@ -278,8 +273,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def config_from_parameters(params: Mapping, overrides=None, **extra: Any) -> CompressConfig:
     """A CompressConfig from a notebook's parameter variables: every name in `params` (e.g. `globals()` after
     the papermill cell) that is a config field, then `extra`, then dotted `overrides`; progress bars off."""
-    fields = {f.name for f in dataclasses.fields(CompressConfig)}
-    d = {k: v for k, v in params.items() if k in fields and not k.startswith("_")}
+    fields = {f.name for c in (CompressConfig, *_sections(CompressConfig).values()) for f in dataclasses.fields(c)}
+    d = {k: v for k, v in params.items() if k in fields and not k.startswith("_")}  # flat: into_sections maps them
     return CompressConfig.from_dict(parse_overrides(overrides, dict(d, progress=False, **extra)))
 
 

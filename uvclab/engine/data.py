@@ -5,7 +5,7 @@ is read from IDX files in memory (Debian package `dataset-fashion-mnist`, UVCLAB
 download); `cifar10` / `cifar100` and `imagefolder` (ImageNet layout) go through torchvision with the
 DeiT/UVC transforms (RandomResizedCrop + flip, Resize + CenterCrop, ImageNet mean/std; method doc 5.1).
 Validation is always carved from the training set by `split_seed` (stratified), so the test set is
-never used for model selection. Batches come from `make_loader`, seeded for reproducible runs.
+never used for model selection (batches: `uvclab.engine.loop.seeded_loader`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from uvclab.errors import UvclabError
 from uvclab.paths import data_dir
@@ -295,14 +295,6 @@ def load_dataset(name: str, root: Optional[str | Path] = None, split_seed: int =
     if name == "imagefolder":
         return load_imagefolder(root, split_seed, val_fraction, img_size, augment)
     raise UvclabError(f"Unknown dataset '{name}'. Choose one of: {', '.join(DATASETS)}.")
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling (and worker seeds) come from its own generator seeded by `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
-                      drop_last=drop_last, persistent_workers=num_workers > 0)
 
 
 def model_kwargs_for_data(name: str, model_kwargs: dict, splits: Splits) -> dict:

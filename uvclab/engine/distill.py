@@ -5,7 +5,8 @@ soft KD = KL(softmax(t / tau) || softmax(s / tau)) * tau^2, and hard KD = CE(s, 
 The reference divides the summed KL by `logits.numel()` (B x classes): on ImageNet that makes the term about
 1000x weaker than a per-sample KL. `reduction="numel"` reproduces it; the default "batchmean" divides by B.
 A DeiT distilled student in training mode returns `(cls_logits, dist_logits)`: the label loss trains the
-class token, KD trains the distillation token (method doc section 4).
+class token, KD trains the distillation token (method doc section 4). `kd_loss_fn` closes over a student and
+its teacher for the training loop.
 """
 from __future__ import annotations
 
@@ -76,3 +77,14 @@ def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
     if student.shape != teacher.shape:
         raise UvclabError(f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ; "
                           "the teacher must be trained on the same classes (num_classes) as the student.")
+
+
+def kd_loss_fn(model: torch.nn.Module, teacher: torch.nn.Module, kind: str = "soft", alpha: float = 0.5,
+               tau: float = 1.0, reduction: str = "batchmean"):
+    """loss(x, y): the distillation loss of `model` against the frozen `teacher` (config keys kd, kd_alpha,
+    kd_tau, kd_reduction)."""
+    def loss(x, y):
+        with torch.no_grad():
+            t = teacher(x)
+        return distillation_loss(model(x), y, t, kind=kind, alpha=alpha, tau=tau, reduction=reduction)
+    return loss

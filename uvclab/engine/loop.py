@@ -1,7 +1,8 @@
 """The one training loop: used by the UVC search, the fine-tune and teacher training.
 
 `train_one_epoch` runs a loss closure over a loader (clip, optimiser and scheduler step, an `after_step`
-hook: UVC's primal-dual update lives there), `evaluate` gives top-1 and restores the model's mode,
+hook: UVC's primal-dual update lives there), `evaluate` gives top-1 and restores the model's mode
+(`masked_top1`: of a gated model under a structure's masks),
 `seeded_loader` shuffles from its own seed (identical after a resume) and shards across torchrun ranks.
 Follows timm's `train_one_epoch` / `validate` split; parameter groups come from `timm.optim`.
 """
@@ -20,17 +21,11 @@ from timm.optim import param_groups_weight_decay
 from tqdm.auto import tqdm
 
 from uvclab.errors import UvclabError
+from uvclab.ranks import rank, world
+from uvclab.vit.structure import Structure, masked
 
 
 # ---- distributed ----------------------------------------------------------------------------------
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
 
 def restart_count() -> int:
     """How often torchrun has restarted the workers (`--max-restarts`); 0 on the first start."""
@@ -88,24 +83,6 @@ def _attempt_prefix(store: dist.Store, rank_: int, world_: int) -> str:
             return f"uvclab/{token}/"
         time.sleep(0.05)
     raise RuntimeError("rank 0 did not start within the process-group timeout")
-
-
-def from_rank0(obj):
-    """rank 0's `obj` on every rank (itself outside torchrun): decisions one rank takes for all."""
-    if world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
-
-
-def same_on_all_ranks(obj) -> bool:
-    """Whether every rank holds an equal (picklable) `obj`; True outside torchrun."""
-    if world() == 1:
-        return True
-    objs = [None] * world()
-    dist.all_gather_object(objs, obj)
-    return all(o == objs[0] for o in objs)
 
 
 def set_seed(seed: int) -> None:
@@ -217,6 +194,12 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int = 256) -> float:
         total += len(y)
     model.train(was_training)
     return 100.0 * correct / max(total, 1)
+
+
+def masked_top1(model: torch.nn.Module, structure: Structure, dataset) -> float:
+    """Top-1 of a gated model with a structure's hard masks applied (no export, no training)."""
+    with masked(model, structure):
+        return evaluate(model, dataset)
 
 
 def _eval_loader(dataset, batch_size: int) -> torch.utils.data.DataLoader:

@@ -16,10 +16,11 @@ from typing import Optional, Union
 
 import torch
 
-from uvclab.engine.config import CompressConfig, read_yaml
-from uvclab.engine.loop import from_rank0, job_store, rank, restart_count, same_on_all_ranks
+from uvclab.engine.loop import job_store, restart_count
 from uvclab.errors import UvclabError
-from uvclab.io_utils import atomic_write
+from uvclab.io_utils import atomic_write, read_yaml
+from uvclab.paths import CHECKPOINT, CONFIG, REPORT
+from uvclab.ranks import from_rank0, rank, same_on_all_ranks
 
 
 class MetricsLog:
@@ -84,9 +85,10 @@ def _opened_by_this_job(out: Path, mark: bool = False) -> bool:
     return store.check([key]) and store.get(key).decode() == str(out.resolve())
 
 
-def _plan(cfg: CompressConfig, out: Path, mode: str) -> dict:
-    """Rank 0: check the folder, write config.yaml; says whether to continue from its checkpoint."""
-    ckpt, finished = out / "checkpoint.pt", (out / "report.json").exists()
+def _plan(cfg, out: Path, mode: str) -> dict:
+    """Rank 0: check the folder, write config.yaml (cfg: the CompressConfig); says whether to continue from its
+    checkpoint."""
+    ckpt, finished = out / CHECKPOINT, (out / REPORT).exists()
     if finished and (mode == "no" or not ckpt.exists()):
         raise UvclabError(f"'{out}' already holds a finished run; choose another --out folder.")
     if ckpt.exists() and mode == "no":
@@ -94,18 +96,18 @@ def _plan(cfg: CompressConfig, out: Path, mode: str) -> dict:
     if not ckpt.exists() and mode == "yes":
         raise UvclabError(f"--resume, but '{out}' holds no run to continue; drop --resume to start one, or use "
                           "--resume auto (continue if there is something to continue).")
-    if ckpt.exists() and (out / "config.yaml").exists():
-        if CompressConfig.from_dict(read_yaml(out / "config.yaml")).to_dict() != cfg.to_dict():
+    if ckpt.exists() and (out / CONFIG).exists():
+        if type(cfg).from_dict(read_yaml(out / CONFIG)).to_dict() != cfg.to_dict():
             raise UvclabError(f"--resume with a different config than the one saved in '{out}/config.yaml'; "
                               "resume with the same settings, or start a new --out folder.")
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".*.tmp"):  # left by a worker killed mid-write (io_utils.atomic_write)
         tmp.unlink()
-    cfg.save(out / "config.yaml")
+    cfg.save(out / CONFIG)
     return {"resume": ckpt.exists()}
 
 
-def open_run_folder(cfg: CompressConfig, out: Path, resume: Union[bool, str] = False) -> Optional[dict]:
+def open_run_folder(cfg, out: Path, resume: Union[bool, str] = False) -> Optional[dict]:
     """Refuse to overwrite a run, or return the checkpoint to continue from (None: start). Collective under
     torchrun: every rank gets rank 0's decision and the same checkpoint, or the same error."""
     plan = None
@@ -120,12 +122,12 @@ def open_run_folder(cfg: CompressConfig, out: Path, resume: Union[bool, str] = F
         raise plan["error"] if isinstance(plan["error"], UvclabError) else UvclabError(str(plan["error"]))
     if not plan["resume"]:
         return None
-    data = (out / "checkpoint.pt").read_bytes() if (out / "checkpoint.pt").exists() else b""
+    data = (out / CHECKPOINT).read_bytes() if (out / CHECKPOINT).exists() else b""
     if not same_on_all_ranks(hashlib.sha256(data).hexdigest()):
         raise UvclabError(f"The ranks read different files at '{out}/checkpoint.pt'; under torchrun on several "
                           "machines --out must be one shared folder (the same path on every node).")
-    ckpt = load_checkpoint(out / "checkpoint.pt", data)
+    ckpt = load_checkpoint(out / CHECKPOINT, data)
     if restart_count() > 0 and rank() == 0:
-        print(f"uvclab: torchrun restart {restart_count()}: continuing from '{out}/checkpoint.pt' "
+        print(f"uvclab: torchrun restart {restart_count()}: continuing from '{out / CHECKPOINT}' "
               f"({ckpt['stage']}, epoch {ckpt.get('epoch', '-')})", file=sys.stderr, flush=True)
     return ckpt

@@ -6,86 +6,30 @@ on validation (`val_top1_hard`) and the whole state is checkpointed, so `--resum
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from uvclab.engine.config import CompressConfig
-from uvclab.engine.distill import distillation_loss
-from uvclab.engine.loop import (adamw_with_schedule, evaluate, seeded_loader, steps_per_epoch, train_one_epoch,
-                                world)
+from uvclab.engine.distill import kd_loss_fn
+from uvclab.engine.loop import adamw_with_schedule, masked_top1, seeded_loader, steps_per_epoch, train_one_epoch
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, save_checkpoint
+from uvclab.paths import CHECKPOINT
+from uvclab.ranks import world
 from uvclab.uvc import UVCPrimalDual, current_structure
-from uvclab.vit.gated import open_all_gates
 from uvclab.vit.latency import LatencyTable
 from uvclab.vit.macs import count
-from uvclab.vit.structure import Structure, apply_structure
 
 
-@contextmanager
-def masked(model: torch.nn.Module, structure: Structure):
-    """Temporarily apply a structure's hard masks to a gated model (all gates open afterwards)."""
-    apply_structure(model, structure)
-    try:
-        yield model
-    finally:
-        open_all_gates(model)
-
-
-def masked_top1(model: torch.nn.Module, structure: Structure, dataset) -> float:
-    """Top-1 of a gated model with a structure's hard masks applied (no export, no training)."""
-    with masked(model, structure):
-        return evaluate(model, dataset)
-
-
-def kd_loss_fn(cfg: CompressConfig, model, teacher):
-    """loss(x, y): the configured distillation loss of `model` against the frozen teacher."""
-    def loss(x, y):
-        with torch.no_grad():
-            t = teacher(x)
-        return distillation_loss(model(x), y, t, kind=cfg.kd, alpha=cfg.kd_alpha, tau=cfg.kd_tau,
-                                 reduction=cfg.kd_reduction)
-    return loss
-
-
-def latency_table_for(cfg: CompressConfig, model) -> Optional[LatencyTable]:
-    """The cached (or freshly measured) latency table of a latency-budget run; None for a MACs budget."""
-    if cfg.budget_kind != "latency":
-        return None
-    from uvclab.vit.latency_build import latency_table
-    return latency_table(model, cfg.latency_batch_size, cfg.latency_threads or cfg.threads, cfg.device,
-                         progress=cfg.progress)
-
-
-def macs_budget_for_latency(model, table: LatencyTable, budget: float, layout: str) -> float:
-    """The MACs ratio of the teacher's global magnitude cut whose predicted latency is `budget` x dense: the
-    MACs target of a latency-budget search on MACs (`search_resource: macs`)."""
-    from uvclab.prune.baselines import magnitude_scores
-    from uvclab.prune.fit import fit_to_budget
-    from uvclab.vit.macs import structure_macs, vit_shape
-    s = vit_shape(model)
-    heads, neurons = magnitude_scores(model)
-    st = fit_to_budget(s, Structure.dense(model), heads * max(1, s.mlp_hidden // 64), neurons,
-                       table.predicted_dense_ms(s.depth), budget, 0.01, layout, score_norm="raw",
-                       per_mac=False, block_cost=lambda b: table.block_ms(b, layout), fixed_cost=table.fixed_ms)
-    return structure_macs(s, st, layout) / count(model)["macs"]
-
-
-def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsLog,
-           ckpt: Optional[dict]) -> UVCPrimalDual:
-    """UVC stage 1 on the gated `model`. Returns the primal-dual optimiser at the end of the search."""
+def search(cfg, model, teacher, splits, out: Path, log: MetricsLog, ckpt: Optional[dict],
+           latency: Optional[LatencyTable] = None) -> UVCPrimalDual:
+    """UVC stage 1 on the gated `model` (cfg: the CompressConfig; latency: the table of a latency budget).
+    Returns the primal-dual optimiser at the end of the search."""
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world() > 1 else model
     epochs = cfg.warmup_epochs + cfg.search_epochs
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
-    table = latency_table_for(cfg, model)
-    if table is not None and cfg.search_resource == "macs":  # search on MACs, select on latency (engine.selection)
-        uvc = UVCPrimalDual(model, cfg.uvc, macs_budget_for_latency(model, table, cfg.macs_ratio, cfg.layout),
-                            total_epochs=cfg.search_epochs, total_steps=cfg.search_epochs * steps, layout=cfg.layout)
-    else:
-        uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs,
-                            total_steps=cfg.search_epochs * steps, latency=table, layout=cfg.layout)
+    uvc = UVCPrimalDual.for_search(model, cfg.uvc, cfg.macs_ratio, latency, cfg.layout,
+                                   total_epochs=cfg.search_epochs, total_steps=cfg.search_epochs * steps)
     opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
     start = 0
     if ckpt is not None and ckpt["stage"] == "search":
@@ -95,7 +39,7 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
         uvc.load_state_dict(ckpt["uvc"])
         torch.set_rng_state(ckpt["rng"])
         start = ckpt["epoch"]
-    kd = kd_loss_fn(cfg, ddp_model, teacher)
+    kd = kd_loss_fn(ddp_model, teacher, cfg.kd, cfg.kd_alpha, cfg.kd_tau, cfg.kd_reduction)
     for epoch in range(start, epochs):
         warm = epoch < cfg.warmup_epochs
 
@@ -109,17 +53,17 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
             return {"R": f"{rec['R']:.3f}", "z": f"{rec['z']:.2g}"}
 
         train_one_epoch(model, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
-                                             num_workers=cfg.num_workers),
-                        opt, sched, loss_fn, steps=steps, progress=cfg.progress, after_step=after_step,
+                                             num_workers=cfg.run.num_workers),
+                        opt, sched, loss_fn, steps=steps, progress=cfg.run.progress, after_step=after_step,
                         desc=f"search {epoch + 1}/{epochs}" + (" (warm-up)" if warm else ""),
-                        on_nonfinite=nonfinite_stop("search", epoch, out / "checkpoint.pt"))
+                        on_nonfinite=nonfinite_stop("search", epoch, out / CHECKPOINT))
         uvc.set_model_gates(None)
         st = current_structure(uvc)
         val = masked_top1(model, st, splits.val)
         log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
                    "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
                    "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})
-        save_checkpoint(out / "checkpoint.pt", {"stage": "search", "epoch": epoch + 1, "model": model.state_dict(),
+        save_checkpoint(out / CHECKPOINT, {"stage": "search", "epoch": epoch + 1, "model": model.state_dict(),
                                                 "opt": opt.state_dict(), "sched": sched.state_dict(),
                                                 "uvc": uvc.state_dict(), "rng": torch.get_rng_state()})
     return uvc

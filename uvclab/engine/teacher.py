@@ -25,6 +25,7 @@ from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs
 from uvclab.engine.loop import adamw_with_schedule, evaluate, seeded_loader, steps_per_epoch, train_one_epoch
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write, atomic_write_text
+from uvclab.version import __version__
 from uvclab.vit.models import create_from_card, create_vit, read_state_dict
 
 MAX_FP32_BYTES = 10 * 2 ** 20  # larger teachers are stored in fp16 (and cast back to fp32 when loaded)
@@ -166,7 +167,6 @@ def available_cpus() -> int:
 
 def _versions() -> dict:
     import timm
-    from uvclab import __version__
     return {"uvclab": __version__, "torch": torch.__version__, "timm": timm.__version__}
 
 

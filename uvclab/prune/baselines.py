@@ -3,7 +3,8 @@
 `uniform_structure` keeps the same fraction of heads and MLP neurons in every block (the highest-norm ones);
 `magnitude_structure` ranks heads and neurons globally by weight norm (global magnitude structured pruning);
 `depth_structure` drops whole blocks (from the end, or greedily by a score such as validation accuracy).
-Each picks the largest structure whose exported MACs fit the budget.
+Each picks the largest structure whose exported MACs fit the budget. `macs_budget_for_latency` turns a
+latency budget into the MACs ratio of the magnitude cut the latency table predicts at it.
 """
 from __future__ import annotations
 
@@ -75,6 +76,17 @@ def magnitude_structure(model: torch.nn.Module, macs_ratio: float, layout: Layou
     # a chunk's score is the sum of its neurons': compare heads with the mean neuron of a chunk
     return fit_to_budget(s, Structure.dense(model), heads * chunk, neurons, count(s)["macs"], macs_ratio, slack,
                          layout, allow_skip=False, score_norm="raw", per_mac=False)
+
+
+def macs_budget_for_latency(model: torch.nn.Module, table, budget: float, layout: Layout = DEFAULT_LAYOUT) -> float:
+    """The MACs ratio of the global magnitude cut whose predicted latency (`table`, a LatencyTable) is `budget`
+    x dense: the MACs target of a latency-budget UVC search on MACs (`uvc.search_resource: macs`)."""
+    s = vit_shape(model)
+    heads, neurons = magnitude_scores(model)
+    st = fit_to_budget(s, Structure.dense(model), heads * max(1, s.mlp_hidden // 64), neurons,
+                       table.predicted_dense_ms(s.depth), budget, 0.01, layout, score_norm="raw",
+                       per_mac=False, block_cost=lambda b: table.block_ms(b, layout), fixed_cost=table.fixed_ms)
+    return structure_macs(s, st, layout) / count(s)["macs"]
 
 
 def depth_structure(model: torch.nn.Module, macs_ratio: float,

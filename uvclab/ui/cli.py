@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from uvclab.engine.config import parse_overrides
+from uvclab.engine.strategies import STRATEGIES
 from uvclab.errors import UvclabError
 
 
@@ -125,7 +126,7 @@ def cmd_latency_table(args) -> None:
 def cmd_compress(args) -> None:
     from uvclab.engine.compress import compress
     from uvclab.engine.config import load_config
-    from uvclab.engine.loop import rank
+    from uvclab.ranks import rank
     from uvclab.paths import runs_dir
     cfg = load_config(args.config, args.overrides)
     method = "" if cfg.method == "uvc" else f"-{cfg.method}"
@@ -206,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "MACs budget, export, fine-tune")
     q.add_argument("config", nargs="?", help="YAML config (default: the embedded digits job)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set macs_ratio=0.3 --set method=magnitude "
-                        "--set uvc.glr=0.05 (repeatable)")
+                   help="override a config key, e.g. --set macs_ratio=0.3 --set uvc.glr=0.05 --set method=NAME "
+                        f"({' | '.join(STRATEGIES)}) (repeatable)")
     q.add_argument("--out", help="run folder (default: runs/<dataset>-<method>-<macs_ratio>-seed<seed>)")
     q.add_argument("--resume", nargs="?", const="yes", default="no", choices=["yes", "auto"],
                    help="continue the interrupted run in --out; `--resume auto`: continue if there is one, else "

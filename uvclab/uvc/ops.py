@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+
 def ste_ceil(x: torch.Tensor) -> torch.Tensor:
     """ceil(x) forward, identity backward (straight-through)."""
     return x + (torch.ceil(x) - x).detach()
@@ -59,6 +60,12 @@ def projected_sgd(x: torch.Tensor, grad: Optional[torch.Tensor], upper: torch.Te
         g = g / norm
     new = (x - lr * (g if scale is None else g * scale)).clamp_min(0)
     return torch.minimum(new, upper.expand_as(new) if upper.dim() else upper)
+
+
+def clipped(d: torch.Tensor, clip: float) -> torch.Tensor:
+    """d's value clamped to +-clip, its gradient always passing: a plain clamp (or torch 1.7's inclusive one)
+    would freeze every count whenever R starts more than the clip above the budget (B < 0.5)."""
+    return d - (d - d.clamp(-clip, clip)).detach()
 
 
 def per_mac(grad: Optional[torch.Tensor], dR: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

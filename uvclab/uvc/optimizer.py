@@ -5,14 +5,14 @@ head, used through a straight-through ceil; block-skip gate logits alpha (L, 2) 
 Gumbel-softmax; duals y (L, 2), p (L, H) for "the ceil(s) smallest groups are zero" and z for the budget
 R(s, r, g) <= B. One `step` after each weight update: proximal shrinkage of the selected groups, then (after
 warm-up) projected SGD on s, r, SGD on alpha every `gating_interval` steps, and dual ascent on y, p, z
-(docs/method.md §3.2). Groups are ranked by squared L2 norm of attn.proj columns and fc2 columns.
+(docs/method.md §3.2). The reference code's choices and uvclab's are functions of `uvclab.uvc.variants`,
+picked once at construction.
 The resource R is the expected MACs ratio, or with a `LatencyTable` the predicted latency ratio (budget_kind
 'latency': the table's piecewise-linear interpolation, differentiable in the counts like the MACs formula).
 Under torchrun every rank holds the same state: the few collective calls live in `_Collective`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from uvclab.uvc.ops import least_sum, nupi_error, per_mac, projected_sgd, selected_mask, ste_ceil
+from uvclab.prune.baselines import macs_budget_for_latency
+from uvclab.uvc.ops import clipped, least_sum, projected_sgd, selected_mask, ste_ceil
 from uvclab.uvc.settings import UVCSettings
+from uvclab.uvc.variants import chosen
 from uvclab.vit.latency import LatencyTable
 from uvclab.vit.macs import DEFAULT_LAYOUT, VitShape, check_budget, expected_macs, vit_shape
 
@@ -95,16 +97,14 @@ class UVCPrimalDual:
     def __init__(self, model: torch.nn.Module, settings: UVCSettings, budget: float = 0.5,
                  dense_macs: Optional[int] = None, total_epochs: int = 1, total_steps: Optional[int] = None,
                  latency: Optional[LatencyTable] = None, layout: str = DEFAULT_LAYOUT):
-        self.model, self.cfg, self.budget = model, settings, check_budget(budget)
+        self.model, self.cfg, self.layout = model, settings, layout
         self.shape: VitShape = vit_shape(model)
-        self.latency, self.layout = latency, layout       # latency table: R is predicted latency / dense
-        self.budget_kind = "macs" if latency is None else "latency"
-        if latency is not None:
-            latency.check_shape(self.shape)
+        self.fn = chosen(settings)                 # the reference's or uvclab's function for each choice
+        self.count_scale = self.fn.count_scale
         L, H = self.shape.depth, self.shape.num_heads
         dev = next(model.parameters()).device
         self.dense_macs = dense_macs or int(expected_macs(self.shape, *self._zeros(dev)).item())
-        self.dense_ms = None if latency is None else float(latency.expected_latency(self.shape, *self._zeros(dev)))
+        self.set_budget(budget, latency)
         self.state = UVCState.initial(L, H, settings.init_dual, dev)
         self.s_max = torch.tensor([H - 1 - 1e-8, self.shape.mlp_hidden - 1 - 1e-8], device=dev)
         self.r_max = float(self.shape.head_dim - 1 - 1e-8)
@@ -112,6 +112,26 @@ class UVCPrimalDual:
         self.total_epochs = total_epochs
         self.total_steps = total_steps          # search steps after warm-up (the budget schedule's length)
         self.last: dict = {}
+
+    @classmethod
+    def for_search(cls, model: torch.nn.Module, settings: UVCSettings, budget: float,
+                   latency: Optional[LatencyTable] = None, layout: str = DEFAULT_LAYOUT, **kw) -> "UVCPrimalDual":
+        """The optimiser of a run's search at budget B. With a latency table and `search_resource: macs` it
+        searches on MACs, to the MACs ratio of the magnitude cut the table predicts at B (`final_structure`
+        then fits to the latency budget); otherwise R is the budget's own resource."""
+        if latency is not None and settings.search_resource == "macs":
+            return cls(model, settings, macs_budget_for_latency(model, latency, budget, layout), layout=layout, **kw)
+        return cls(model, settings, budget, latency=latency, layout=layout, **kw)
+
+    def set_budget(self, budget: float, latency: Optional[LatencyTable] = None) -> None:
+        """Budget B of R <= B: expected MACs / dense (latency None) or the table's predicted ms / dense."""
+        self.budget, self.latency = check_budget(budget), latency
+        self.budget_kind = "macs" if latency is None else "latency"
+        self.dense_ms = None
+        if latency is not None:
+            latency.check_shape(self.shape)
+            dev = next(self.model.parameters()).device
+            self.dense_ms = float(latency.expected_latency(self.shape, *self._zeros(dev)))
 
     # the state's tensors, by their paper names
     s = property(lambda self: self.state.s, lambda self, v: setattr(self.state, "s", v))
@@ -129,22 +149,8 @@ class UVCPrimalDual:
 
     # ---- group scores (vectorised) -----------------------------------------------------------------
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dim (L, H, Dh), head (L, H), neuron (L, M) squared L2 norms of proj / fc2 input columns ('proj'), or
-        of all the group's weights ('group')."""
-        H, Dh = self.shape.num_heads, self.shape.head_dim
-        if self.cfg.group_score == "group":
-            dims, heads, neurons = [], [], []
-            for b in self.model.blocks:
-                qkv = b.attn.qkv.weight.detach().float().pow(2).sum(1).view(3, H, Dh)   # (3, H, Dh) row norms
-                d = qkv[2] + b.attn.proj.weight.detach().float().pow(2).sum(0).view(H, Dh)
-                dims.append(d)
-                heads.append(d.sum(-1) + qkv[0].sum(-1) + qkv[1].sum(-1))
-                neurons.append(b.mlp.fc1.weight.detach().float().pow(2).sum(1)
-                               + b.mlp.fc2.weight.detach().float().pow(2).sum(0))
-            return torch.stack(dims), torch.stack(heads), torch.stack(neurons)
-        dims = torch.stack([b.attn.proj.weight.detach().float().pow(2).sum(0).view(H, Dh) for b in self.model.blocks])
-        neurons = torch.stack([b.mlp.fc2.weight.detach().float().pow(2).sum(0) for b in self.model.blocks])
-        return dims, dims.sum(-1), neurons
+        """dim (L, H, Dh), head (L, H), neuron (L, M) scores (`uvc.group_score`)."""
+        return self.fn.scores(self.model.blocks, self.shape.num_heads, self.shape.head_dim)
 
     # ---- gates ----------------------------------------------------------------------------------
     def gate_sample(self, warmup: bool = False) -> Optional[torch.Tensor]:
@@ -179,14 +185,8 @@ class UVCPrimalDual:
         if not self.cfg.prune_dims:
             r_hat = r_hat * 0
         g = None
-        if self.cfg.block_skip:
-            a = self.alpha if alpha is None else alpha
-            if self.cfg.resource_gates == "sample":
-                g = F.gumbel_softmax(a, tau=self.cfg.gumbel_tau, hard=False)[:, 1]
-            else:
-                g = F.softmax(a, dim=-1)[:, 1]
-                if self.cfg.resource_gates == "hard":  # straight-through: value 0/1, gradient of the probability
-                    g = g + ((g > 0.5).to(g.dtype) - g).detach()
+        if self.cfg.block_skip:  # the gates R sees (`uvc.resource_gates`)
+            g = self.fn.gates(self.alpha if alpha is None else alpha, self.cfg.gumbel_tau)
         kept = selected_mask(head_scores, s_hat[:, 0].detach(), largest=True)
         if (kind or self.budget_kind) == "latency":
             ms = self.latency.expected_latency(self.shape, s_hat[:, 0], s_hat[:, 1], r_hat, kept, block_gate=g,
@@ -197,9 +197,7 @@ class UVCPrimalDual:
         return macs / self.dense_macs
 
     def zlr(self, epoch: int) -> float:
-        if self.cfg.zlr_schedule == "constant":
-            return self.cfg.zlr
-        return self.cfg.zlr * (1 + 4 * min(4, int(5 * epoch / max(self.total_epochs, 1))))  # 1,5,9,13,17
+        return self.fn.zlr(self.cfg.zlr, epoch, self.total_epochs)
 
     # ---- the update -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,82 +227,76 @@ class UVCPrimalDual:
                 blk.mlp.fc1.weight.mul_(neuron_scale[l][:, None].to(blk.mlp.fc1.weight.dtype))
 
     def step(self, lr: float, epoch: int, warmup: bool) -> dict:
-        """The UVC update after the weight step at learning rate `lr`; returns a log record."""
-        st = self.state
-        self.proximal_step(lr)
+        """The UVC update after the primal (weight) step at learning rate `lr`; returns a log record."""
+        st, cfg = self.state, self.cfg
+        self.proximal_step(lr)                              # prox: shrink the ceil(count) smallest groups
         st.global_step += 1
         if warmup:
             st.alpha.grad = None
             return self._record(epoch, warmup=True)
-        cfg = self.cfg
         dims, heads, neurons = self.scores()
-        task_alpha_grad = st.alpha.grad.clone() if st.alpha.grad is not None else torch.zeros_like(st.alpha)
-        st.alpha.grad = None
-        _Collective.mean_(task_alpha_grad)
-
-        # gradients of sum(y * LeastSum) + z * clamp(R - B) w.r.t. s, r, alpha
+        task_alpha_grad = self._task_alpha_grad()
+        # count step: gradients of sum(y * LeastSum) + z * clip(R - target) w.r.t. s, r, alpha
         s = st.s.clone().requires_grad_(cfg.prune)
         r = st.r.clone().requires_grad_(cfg.prune and cfg.prune_dims)
         alpha = st.alpha.detach().clone().requires_grad_(cfg.block_skip)
         R = self.expected_macs_ratio(s, r, heads, alpha)
-        # the value is clamped to +-z_grad_clip, the gradient always passes: a plain clamp (or torch 1.7's inclusive
-        # one) would freeze every count whenever R starts more than the clip above the budget (B < 0.5)
         target = self.target()
         st.search_step += 1
-        d = R - target
-        Rc = d - (d - d.clamp(-cfg.z_grad_clip, cfg.z_grad_clip)).detach()
-        obj = st.z * Rc
-        if cfg.prune:
-            s_hat, r_hat = ste_ceil(s), ste_ceil(r)
-            if cfg.count_grad == "importance":  # one shared multiplier on scores normalised across group types
-                yh = yn = pd = 1 / (heads.sum() + neurons.sum()).clamp_min(1e-12)
-            else:
-                yh, yn, pd = st.y[:, 0], st.y[:, 1], st.p
-            obj = obj + (yh * least_sum(heads, s_hat[:, 0])).sum() + (yn * least_sum(neurons, s_hat[:, 1])).sum()
-            if cfg.prune_dims:
-                obj = obj + (pd * least_sum(dims, r_hat)).sum()
-            if cfg.count_grad == "importance":  # MACs saved by the next group, for the per-MAC step
-                dR = torch.autograd.grad(R, [s, r] if r.requires_grad else [s], retain_graph=True, allow_unused=True)
-        if obj.requires_grad:
-            obj.backward()
-        if cfg.prune:
-            s_grad, r_grad = s.grad, r.grad
-            if cfg.count_grad == "importance":  # per MAC: grad / |dR/ds| = importance per MAC - z
-                sc = self._count_scale(self.s_max)  # per_range: the step then moves the kept fraction by lr x gap
-                s_grad = per_mac(s_grad, dR[0]) / (1 if sc is None else sc)
-                if r.requires_grad:
-                    r_grad = per_mac(r_grad, dR[1]) / (1 if sc is None else math.ceil(self.r_max))
-            st.s = projected_sgd(st.s, s_grad, self.s_max, cfg.count_lr, self._count_scale(self.s_max))
-            if cfg.prune_dims:
-                r_max = torch.full_like(st.r, self.r_max)
-                st.r = projected_sgd(st.r, r_grad, r_max, cfg.count_lr, self._count_scale(r_max))
-                if cfg.tie_dims:  # one value width per layer: what the export can realise without padding
-                    st.r = st.r.mean(-1, keepdim=True).expand_as(st.r).clone()
-        if cfg.block_skip:
-            g = task_alpha_grad + cfg.gating_weight * alpha.grad
-            weight = (st.global_step - 1) % cfg.gating_interval if cfg.gate_grad_weighting == "linear" else 1.0
-            st.gate_buffer.append(g * weight)
-            if st.global_step % cfg.gating_interval == 0:
-                st.alpha.grad = torch.stack(st.gate_buffer).mean(0)
-                self.gate_opt.step()
-                st.alpha.grad = None
-                st.gate_buffer = []
-
-        # dual ascent with the new counts
-        with torch.no_grad():
-            if cfg.prune:
-                s_hat = torch.ceil(st.s)
-                st.y[:, 0] = (st.y[:, 0] + cfg.ylr * least_sum(heads, s_hat[:, 0])).clamp_min(0)
-                st.y[:, 1] = (st.y[:, 1] + cfg.ylr * least_sum(neurons, s_hat[:, 1])).clamp_min(0)
-                if cfg.prune_dims:
-                    st.p = (st.p + cfg.ylr * least_sum(dims, torch.ceil(st.r))).clamp_min(0)
-            R_new = self.expected_macs_ratio(st.s, st.r, heads)
-            e = R_new - target
-            if cfg.dual_update == "pi":
-                e, st.xi = nupi_error(e, st.xi, cfg.z_kp, cfg.z_nu, first=st.search_step == 1)
-            st.z = (st.z + self.zlr(epoch) * e).clamp_min(0)
+        budget_term = st.z * clipped(R - target, cfg.z_grad_clip)
+        self._count_step(budget_term, R, s, r, dims, heads, neurons)
+        self._gate_step(task_alpha_grad, alpha.grad)
+        R_new = self._dual_step(dims, heads, neurons, target, epoch)  # dual updates with the new counts
         _Collective.broadcast_(*st.tensors())  # every rank already agrees; this guarantees it
         return self._record(epoch, warmup=False, R=float(R_new))
+
+    def _task_alpha_grad(self) -> torch.Tensor:
+        """The loss's gradient on the gate logits (from the forward with sampled gates), averaged over ranks."""
+        st = self.state
+        g = st.alpha.grad.clone() if st.alpha.grad is not None else torch.zeros_like(st.alpha)
+        st.alpha.grad = None
+        return _Collective.mean_(g)
+
+    def _count_step(self, budget_term, R, s, r, dims, heads, neurons) -> None:
+        """Backward of the Lagrangian (`uvc.count_grad`), then projected SGD on s and r."""
+        st, cfg = self.state, self.cfg
+        if not cfg.prune:  # the budget term still reaches the gates
+            if budget_term.requires_grad:
+                budget_term.backward()
+            return
+        s_grad, r_grad = self.fn.count_grads(self, budget_term, R, s, r, dims, heads, neurons)
+        st.s = projected_sgd(st.s, s_grad, self.s_max, cfg.count_lr, self.count_scale(self.s_max))
+        if cfg.prune_dims:
+            r_max = torch.full_like(st.r, self.r_max)
+            st.r = self.fn.tie_dims(projected_sgd(st.r, r_grad, r_max, cfg.count_lr, self.count_scale(r_max)))
+
+    def _gate_step(self, task_alpha_grad: torch.Tensor, resource_grad: Optional[torch.Tensor]) -> None:
+        """SGD on the gate logits every `gating_interval` steps, on the mean of the buffered gradients."""
+        st, cfg = self.state, self.cfg
+        if not cfg.block_skip:
+            return
+        g = task_alpha_grad + cfg.gating_weight * resource_grad
+        st.gate_buffer.append(g * self.fn.gate_weight(st.global_step, cfg.gating_interval))
+        if st.global_step % cfg.gating_interval == 0:
+            st.alpha.grad = torch.stack(st.gate_buffer).mean(0)
+            self.gate_opt.step()
+            st.alpha.grad = None
+            st.gate_buffer = []
+
+    @torch.no_grad()
+    def _dual_step(self, dims, heads, neurons, target: float, epoch: int) -> torch.Tensor:
+        """Dual ascent on y, p (sparsity) and z (budget, `uvc.dual_update`); returns the new R."""
+        st, cfg = self.state, self.cfg
+        if cfg.prune:
+            s_hat = torch.ceil(st.s)
+            st.y[:, 0] = (st.y[:, 0] + cfg.ylr * least_sum(heads, s_hat[:, 0])).clamp_min(0)
+            st.y[:, 1] = (st.y[:, 1] + cfg.ylr * least_sum(neurons, s_hat[:, 1])).clamp_min(0)
+            if cfg.prune_dims:
+                st.p = (st.p + cfg.ylr * least_sum(dims, torch.ceil(st.r))).clamp_min(0)
+        R = self.expected_macs_ratio(st.s, st.r, heads)
+        e, st.xi = self.fn.z_error(R - target, st.xi, cfg.z_kp, cfg.z_nu, first=st.search_step == 1)
+        st.z = (st.z + self.zlr(epoch) * e).clamp_min(0)
+        return R
 
     def target(self) -> float:
         """The budget the counts chase at this search step: B, or the linear walk 1.0 -> B (budget_schedule)."""
@@ -313,11 +305,6 @@ class UVCPrimalDual:
             return self.budget
         t = min(1.0, self.state.search_step / max(1.0, frac * self.total_steps))
         return 1.0 - (1.0 - self.budget) * t
-
-    def _count_scale(self, upper: torch.Tensor) -> Optional[torch.Tensor]:
-        """'per_range': step on the kept *fraction* (grad x range, step x range), so that heads, dims and
-        neurons move at comparable speed; 'reference': plain SGD on the counts (UVC's slr/rlr)."""
-        return upper.ceil() if self.cfg.count_lr_mode == "per_range" else None
 
     def _record(self, epoch: int, warmup: bool, R: Optional[float] = None) -> dict:
         """The log record; R is the constrained resource ratio (`expected_macs_ratio` or, with a latency budget,

@@ -1,24 +1,20 @@
-"""End of UVC's stage 1: the optimiser's state becomes a Structure that provably fits the budget.
+"""The optimiser's state as a Structure, and its fit into the budget (docs/method.md §3.5).
 
-The reference code leaves this to a hand-picked checkpoint (docs/method.md §3.5). Here it is automatic:
 `structure_from_counts` keeps all but the ceil(s), ceil(r) smallest groups and follows the argmax skip
-decisions (`current_structure`), then `select_structure` fits the *exported* count (or, with a latency
-budget, the latency table's prediction for the exported layout) into [B - slack, B]
-(`uvclab.prune.fit.fit_to_budget`). `ranks_agree` checks that every torchrun rank ends identical.
+decisions (`current_structure`: the hard structure during the search); `fit_structure` fits the *exported*
+count (or, with a latency budget, the latency table's prediction for the exported layout) into [B - slack,
+B] (`uvclab.prune.fit.fit_to_budget`). The final structure of a search is `uvclab.uvc.final`'s.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from uvclab.prune.fit import fit_to_budget
 from uvclab.uvc.optimizer import UVCPrimalDual
-from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, VitShape
+from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, VitShape, structure_macs
 from uvclab.vit.structure import BlockStructure, Structure
 
 
@@ -57,7 +53,6 @@ def _round_to(n: int, multiple: int, full: int) -> int:
     return full if r >= full or full - n < abs(n - r) else max(min(multiple, full), r)
 
 
-
 def current_structure(uvc: UVCPrimalDual) -> Structure:
     """The hard structure the counts and gates describe right now (not yet fitted to the budget)."""
     dims, heads, neurons = uvc.scores()
@@ -67,47 +62,45 @@ def current_structure(uvc: UVCPrimalDual) -> Structure:
                                  share_head_width=uvc.cfg.tie_dims)
 
 
-def select_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT) -> Structure:
-    """Counts + gates -> Structure, fitted so that exported MACs (latency budget: predicted ms) lie in
-    [B - slack, B] x dense (`fit_structure`). Under torchrun, rank 0's structure is the structure (identical
-    anyway)."""
-    return broadcast_structure(fit_structure(uvc, slack, layout))
-
-
 def fit_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,
-                  budget: float | None = None, skip: Sequence[int] = (), start: Structure | None = None) -> Structure:
-    """`select_structure` on this process alone. `budget` replaces B (the measured-latency feedback aims
-    lower); `skip`: blocks skipped whatever the gates say (the skip candidates of `engine.selection`);
-    `start`: fit this structure instead of the counts' own."""
+                  budget: float | None = None, skip: Sequence[int] = (), widen: bool = False,
+                  start: Structure | None = None) -> Structure:
+    """The counts' structure (or `start`) with the blocks `skip` skipped whatever the gates say, fitted so that
+    exported MACs (latency budget: the table's predicted ms) lie in [B - slack, B] x dense; `budget` replaces B
+    (the measured-latency feedback aims lower). widen: then kept blocks get their heads' full width back where
+    the budget allows, and the room left is refilled. The fit's refill adds heads and neurons, never dims:
+    with most blocks skipped, the few kept ones would otherwise keep the search's narrow heads
+    (Fashion-MNIST, latency 0.3: blocks 0, 2, 7 with 8-16 of 32 value dims, under the budget band)."""
+    budget = uvc.budget if budget is None else budget
     dims, heads, neurons = uvc.scores()
     cost = {}
     if uvc.latency is not None:
         cost = dict(block_cost=lambda b: uvc.latency.block_ms(b, layout), fixed_cost=uvc.latency.fixed_ms)
     dense = uvc.dense_macs if uvc.latency is None else uvc.latency.predicted_dense_ms(uvc.shape.depth)
-    start = current_structure(uvc) if start is None else start
+
+    def fit(st: Structure) -> Structure:
+        return fit_to_budget(uvc.shape, st, heads, neurons, dense, budget, slack, layout, dim_scores=dims,
+                             keep_prob=uvc.keep_prob(), tie_qk=uvc.cfg.tie_qk, allow_prune=uvc.cfg.prune,
+                             allow_skip=uvc.cfg.block_skip, **cost)
+    st = current_structure(uvc) if start is None else start
     for l in skip:
-        start.blocks[l].keep = False
-    return fit_to_budget(uvc.shape, start, heads, neurons, dense, uvc.budget if budget is None else budget, slack,
-                         layout, dim_scores=dims, keep_prob=uvc.keep_prob(), tie_qk=uvc.cfg.tie_qk,
-                         allow_prune=uvc.cfg.prune, allow_skip=uvc.cfg.block_skip, **cost)
+        st.blocks[l].keep = False
+    st = fit(st)
+    full, widened = list(range(uvc.shape.head_dim)), False
+    for b in st.blocks if widen else []:
+        if not b.keep or all(len(d) == len(full) for d in b.v_dims + b.qk_dims):
+            continue
+        narrow = b.qk_dims, b.v_dims
+        b.qk_dims, b.v_dims = [full[:] for _ in b.heads], [full[:] for _ in b.heads]
+        if cost_ratio(uvc, st, layout) > budget:
+            b.qk_dims, b.v_dims = narrow
+        else:
+            widened = True
+    return fit(st) if widened else st
 
 
-def broadcast_structure(st: Structure) -> Structure:
-    """Rank 0's structure on every rank (itself without torchrun)."""
-    if dist.is_available() and dist.is_initialized():
-        box = [st.to_dict()]
-        dist.broadcast_object_list(box, 0)
-        st = Structure.from_dict(box[0])
-    return st
-
-
-def ranks_agree(uvc: UVCPrimalDual, structure: Structure) -> bool:
-    """True when every rank holds bit-identical counts, duals, gates and structure (checked, not assumed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return True
-    h = hashlib.sha256(json.dumps(structure.to_dict()).encode())
-    for t in uvc.state.tensors():
-        h.update(t.detach().cpu().numpy().tobytes())
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, h.hexdigest())
-    return len(set(digests)) == 1
+def cost_ratio(uvc: UVCPrimalDual, st: Structure, layout: Layout = DEFAULT_LAYOUT) -> float:
+    """The structure's budgeted cost as a fraction of dense: exported MACs, or the table's predicted latency."""
+    if uvc.latency is None:
+        return structure_macs(uvc.shape, st, layout) / uvc.dense_macs
+    return uvc.latency.structure_ms(st, layout) / uvc.latency.predicted_dense_ms(uvc.shape.depth)

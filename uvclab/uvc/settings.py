@@ -1,9 +1,11 @@
-"""UVC optimiser settings: one frozen dataclass, every reference-code quirk a named field (docs/method.md)."""
+"""UVC settings: one frozen dataclass (config section `uvc.`), every reference-code quirk a named field
+(docs/method.md), and how the final structure is chosen (skip candidates, a latency budget's feedback)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from uvclab.errors import UvclabError
+from uvclab.errors import UvclabError, at_least_one
 
 # UVC settings for searches of a few hundred steps (notebooks, benchmark, CPU runs). The reference gate settings
 # suit tens of thousands of steps: gates would step a handful of times (gating_interval 50, weight 5e-4).
@@ -66,12 +68,29 @@ class UVCSettings:
                                         # each step, one width per layer in the final structure): the export pads
                                         # v to the widest kept head, so dims removed from narrower heads save no
                                         # MACs (with tied dims R equals the exported count)
+    # ---- the final structure (`uvclab.uvc.final`) and a latency budget (budget_kind latency)
+    search_resource: str = "macs"       # latency budget: the search's R: macs (MACs, to the MACs ratio of a
+                                        # magnitude cut predicted at the latency budget; chosen on validation) |
+                                        # latency (the table's prediction); the final structure is fitted to the
+                                        # latency budget either way
+    select_skips: str = "auto"          # which blocks to skip: gates (the search's own decisions) | validation
+                                        # (candidates with 0, 1, 2.. blocks skipped, the best on validation) |
+                                        # auto (validation for a latency budget, else gates)
+    select_eval_samples: Optional[int] = 1000  # validation images per skip candidate (null: all)
+    select_finetune_steps: int = 24     # distillation steps each skip candidate gets before it is scored (0: none)
+    select_patience: Optional[int] = None  # stop adding skips after this many candidates in a row below the best
+                                        # (null: until a candidate falls below the budget band)
+    latency_batch_size: int = 64        # latency budget: the batch the table is measured (and the export timed) at
+    latency_threads: Optional[int] = None  # latency budget: torch threads when timing (None: run.threads, else torch's)
+    latency_feedback: int = 3           # latency budget: refits when the export measures over the budget (0: off)
+    latency_tolerance: float = 0.02     # latency budget: measured ratio accepted up to B x (1 + this)
 
     def __post_init__(self):
         choices = {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
                    "zlr_schedule": ("constant", "increasing"), "gate_grad_weighting": ("uniform", "linear"),
                    "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group"),
-                   "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi")}
+                   "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi"),
+                   "search_resource": ("macs", "latency"), "select_skips": ("auto", "gates", "validation")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UvclabError(f"uvc.{name}={getattr(self, name)!r} is not one of {allowed}.")
@@ -81,5 +100,8 @@ class UVCSettings:
             raise UvclabError("uvc.gating_interval must be >= 1, uvc.gumbel_tau > 0, uvc.warmup_gate in [0, 1].")
         if not 0 <= self.budget_schedule <= 1 or not 0 <= self.z_nu < 1:
             raise UvclabError("uvc.budget_schedule must be in [0, 1] and uvc.z_nu in [0, 1).")
+        at_least_one(self, ("latency_threads", "latency_batch_size", "select_eval_samples", "select_patience"), "uvc.")
+        if self.latency_feedback < 0 or self.latency_tolerance < 0 or self.select_finetune_steps < 0:
+            raise UvclabError("uvc.latency_feedback, latency_tolerance and select_finetune_steps must be >= 0.")
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uvclab import __version__
-from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, count, head_widths
+from uvclab.version import __version__
+from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, count_exported, head_widths
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write, atomic_write_text
 from uvclab.vit.structure import BlockStructure, Structure
@@ -141,22 +141,6 @@ def save_pruned(model: nn.Module, path: str | Path, extra: Optional[dict] = None
     card = {"uvclab_version": __version__, **meta, **count_exported(model), **(extra or {})}
     atomic_write_text(path / "uvclab.json", json.dumps(card, indent=1))
     return path
-
-
-def count_exported(model: nn.Module) -> dict[str, int]:
-    """MACs / params of an exported model, from its structure and the dense architecture it was cut from."""
-    meta = model.uvclab_export
-    if not meta.get("model"):
-        raise UvclabError("This export does not record its dense architecture (the model was not made by "
-                          "uvclab.create_vit); count the dense model with its structure: count(dense, structure).")
-    base = _skeleton_base(meta["model"])
-    return count(base, Structure.from_dict(meta["structure"]), meta["layout"])
-
-
-def _skeleton_base(cfg: dict) -> nn.Module:
-    from uvclab.vit.models import create_from_card
-    with torch.device("meta"):
-        return create_from_card(cfg)
 
 
 def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -144,10 +144,25 @@ def count(model_or_shape, structure: Optional[Structure] = None, layout: Layout 
         if structure is not None:
             raise UvclabError("This model is already exported: count(model) gives its MACs; a structure applies "
                               "to the dense model it came from.")
-        from uvclab.vit.export import count_exported  # same layer; export itself counts through this module
         return count_exported(model_or_shape)
     t = macs_table(model_or_shape, structure, layout)
     return {"macs": int(t.macs.sum()), "params": int(t.params.sum())}
+
+
+def count_exported(model: torch.nn.Module) -> dict[str, int]:
+    """MACs / params of an exported model, from its structure and the dense architecture it was cut from."""
+    meta = model.uvclab_export
+    if not meta.get("model"):
+        raise UvclabError("This export does not record its dense architecture (the model was not made by "
+                          "uvclab.create_vit); count the dense model with its structure: count(dense, structure).")
+    base = _skeleton_base(meta["model"])
+    return count(base, Structure.from_dict(meta["structure"]), meta["layout"])
+
+
+def _skeleton_base(cfg: dict) -> torch.nn.Module:
+    from uvclab.vit.models import create_from_card
+    with torch.device("meta"):
+        return create_from_card(cfg)
 
 
 def dense_macs(model_or_shape) -> int:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from uvclab import __version__
+from uvclab.version import __version__
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write
 
@@ -68,14 +68,13 @@ class OnnxExport:
 
 def onnx_metadata(model: torch.nn.Module, extra: Optional[dict] = None) -> dict[str, str]:
     """The card of an exported model (or the config of a dense uvclab model) as ONNX metadata strings."""
-    from uvclab.vit.macs import count, vit_shape
+    from uvclab.vit.macs import _skeleton_base, count, count_exported, vit_shape
     meta = getattr(model, "uvclab_export", None)
     cfg = (meta or {}).get("model") or getattr(model, "uvclab_config", None)
     out = {"uvclab_version": __version__, "exported": "true" if meta else "false"}
     if cfg:
         out.update(model=cfg["name"], model_kwargs=json.dumps(cfg.get("kwargs", {})))
     if meta:
-        from uvclab.vit.export import _skeleton_base, count_exported
         out.update(layout=meta["layout"], structure=json.dumps(meta["structure"], separators=(",", ":")))
         if cfg:
             c, dense = count_exported(model), count(_skeleton_base(cfg))

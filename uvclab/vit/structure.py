@@ -3,11 +3,13 @@
 Per block: whether the block, its attention branch and its MLP branch run; the kept heads; for each kept
 head its kept query/key dims and value dims (UVC's `r` prunes only the value side); the kept MLP neurons.
 Indices refer to the dense model. JSON round trip, validation against a model, masks for a gated model,
-and a per-layer pandas summary (the method doc's recommendation 9, saved explicitly).
+and a per-layer pandas summary (the method doc's recommendation 9, saved explicitly); `masked` applies a
+structure's masks to a gated model for the length of a `with` block.
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,3 +161,14 @@ def apply_structure(model: torch.nn.Module, structure: Structure) -> torch.nn.Mo
         blk.mlp.neuron_gate = m["neuron"]
         blk.block_gate, blk.attn_gate, blk.mlp_gate = m["block"], m["attn"], m["mlp_branch"]
     return model
+
+
+@contextmanager
+def masked(model: torch.nn.Module, structure: Structure):
+    """Temporarily apply a structure's hard masks to a gated model (all gates open afterwards)."""
+    from uvclab.vit.gated import open_all_gates
+    apply_structure(model, structure)
+    try:
+        yield model
+    finally:
+        open_all_gates(model)
