@@ -64,10 +64,24 @@ def test_extra_seeds_go_to_uvc_and_the_best_baseline_on_validation(tmp_path):
     assert set(df[df.seed == 1].budget) == {0.5} and len(df) == 8
 
 
-def test_extra_seeds_for_every_listed_method():
+def test_extra_seeds_for_every_listed_method(tmp_path, monkeypatch):
+    """seed_methods=(uvc, magnitude): extra seeds for exactly the listed methods, at every seed budget run."""
+    from uvclab.compare import benchmark
+    from uvclab.engine.strategies import STRATEGIES
+    batches = []
+
+    def fake_jobs(jobs, workers=1, log=print):  # records the (method, budget, seed) runs instead of running them
+        batches.append(sorted((m, c.macs_ratio, c.seed) for m, c, _ in jobs))
+        return [{"method": m, "budget": c.macs_ratio, "seed": c.seed, "val_top1": 50.0} for m, c, _ in jobs]
+    monkeypatch.setattr(benchmark, "run_jobs", fake_jobs)
+    monkeypatch.setattr(benchmark, "measure_speed", lambda *a, **k: None)
     protocol = Protocol(budgets=(0.5, 0.3), methods=("uvc", "uvc_no_kd", "magnitude"), extra_seeds=(1, 2),
                         seed_budgets=(0.5, 0.3), seed_methods=("uvc", "magnitude"), config=TINY)
+    run_benchmark(protocol, tmp_path, log=lambda *_: None)
+    assert batches[0] == sorted((m, b, 0) for m in protocol.methods for b in (0.5, 0.3))
+    assert batches[1] == sorted((m, b, s) for m in ("uvc", "magnitude") for b in (0.5, 0.3) for s in (1, 2))
     assert protocol.base_config("magnitude", 0.5, 1).uvc == protocol.base_config("uniform", 0.3, 0).uvc  # unused
+    assert ONE_SHOT_METHODS == tuple(m for m in STRATEGIES if m != "uvc")  # the one table of methods
 
 
 def test_unknown_method_is_a_clear_error():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uvclab.engine import data
-from uvclab.engine.data import load_dataset, make_loader, read_idx, split_indices
+from uvclab.engine.data import load_dataset, read_idx, split_indices
 from uvclab.errors import UvclabError
 
 
@@ -87,12 +87,6 @@ def test_split_indices_stratified_and_disjoint():
     assert np.bincount(labels[held]).tolist() == [10, 10, 10, 10]
     with pytest.raises(UvclabError, match="val_fraction"):
         split_indices(labels, 1.5, seed=0)
-
-
-def test_make_loader_is_reproducible(digits):
-    def order(seed):
-        return torch.cat([y for _, y in make_loader(digits.val, 64, shuffle=True, seed=seed)])
-    assert torch.equal(order(5), order(5)) and not torch.equal(order(5), order(6))
 
 
 def write_idx(path, array):

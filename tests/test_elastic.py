@@ -118,7 +118,7 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_pat
 
     ref = json.loads((uninterrupted / "report.json").read_text())
     report = json.loads((out / "report.json").read_text())
-    assert report["ranks_agree"] is True and report["world_size"] == 2
+    assert report["world_size"] == 2
     assert {k: v for k, v in report.items() if k != "seconds"} == {k: v for k, v in ref.items() if k != "seconds"}
     for name in ("structure.json", "model/uvclab.json", "uvc_state.json"):
         assert (out / name).read_text() == (uninterrupted / name).read_text(), name

@@ -2,9 +2,9 @@
 
 `CompressConfig` drives `uvclab compress`: top-level keys every method reads, and sections `run.` (how the
 job runs) and `uvc.` (`uvclab.uvc.settings.UVCSettings`: the optimiser and its final structure); flat keys
-of older configs move into their section (`into_sections`). `TeacherConfig` drives `uvclab teacher`. The same
-field names appear in YAML files, notebook parameters and CLI `--set` flags. Compress defaults are the embedded job: the digits
-reference teacher compressed to half its MACs in well under a minute on 2 CPU cores.
+of older configs move into their section (`into_sections`). `TeacherConfig` drives `uvclab teacher`. The
+same field names appear in YAML files, notebook parameters and CLI `--set` flags. Compress defaults are the
+embedded job: the digits reference teacher compressed to half its MACs in well under a minute on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -204,7 +204,8 @@ def _from_dict(cls, d: dict, prefix: str = ""):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise UvclabError(f"Unknown {prefix or 'config '}key(s) {unknown}. Known: {sorted(known)}.")
+        raise UvclabError(f"Unknown config key(s) {[prefix + k for k in unknown]}. "
+                          f"Known: {sorted(prefix + k for k in known)}.")
     try:
         return cls(**_numbers(cls, d, prefix))
     except TypeError as e:
