@@ -126,10 +126,9 @@ def deit_small(a) -> pd.DataFrame:
     magnitude cut's MACs at the latency budget, fit to the predicted latency, measured feedback; no skip
     candidates without data), 'latency_R' with the table's prediction as the search's R, 'macs' a MACs budget."""
     import uvclab
-    from uvclab.engine.search import macs_budget_for_latency
-    from uvclab.engine.selection import measured_feedback
-    from uvclab.uvc import UVCPrimalDual, UVCSettings, select_structure
-    from uvclab.vit.latency_build import latency_table
+    from uvclab.prune.baselines import macs_budget_for_latency
+    from uvclab.uvc import UVCPrimalDual, UVCSettings, final_structure
+    from uvclab.vit.latency_build import latency_table, measure_ms
     from uvclab.vit.structure import Structure
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
@@ -144,12 +143,10 @@ def deit_small(a) -> pd.DataFrame:
                                 latency=table if kind == "latency_R" else None)
             for _ in range(a.steps):
                 rec = uvc.step(1e-4, 0, warmup=False)
-            uvc.latency, uvc.budget = (table, b) if kind != "macs" else (None, b)  # select on latency
-            st = select_structure(uvc, 0.02)
-            rounds = []
-            if kind != "macs":  # the pipeline's measured feedback
-                st, rounds = measured_feedback(uvc, gated, st, [], b, 0.02, "compact", batch_size=a.batch,
-                                               threads=a.threads)
+            # select on latency, with the pipeline's measured feedback (no skip candidates without data)
+            st, info = final_structure(uvc, gated, b, table if kind != "macs" else None, 0.02, "compact",
+                                       timer=lambda ms: measure_ms(ms, a.batch, threads=a.threads))
+            rounds = info.get("latency_feedback", [])
             models[f"{kind}_b{b:g}"] = uvclab.export_model(gated, st)
             print(kind, b, "search target", round(target, 3), "R end", round(rec["R"], 3), "feedback", rounds,
                   flush=True)

@@ -1,6 +1,5 @@
-"""torchrun ranks for every layer: who this process is, how many there are, and "rank 0 decides".
-
-Outside torchrun (no process group) there is one rank, 0, and every helper is the identity.
+"""torchrun for every layer: who this process is, how many there are, "rank 0 decides" (`from_rank0`), and
+the UVC optimiser's tensor collectives. Outside torchrun there is one rank, 0, and every helper is the identity.
 """
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ def world() -> int:
 
 
 def from_rank0(obj):
-    """rank 0's `obj` on every rank (itself outside torchrun): decisions one rank takes for all (the other
-    ranks pass anything, e.g. None, and skip computing it)."""
+    """rank 0's `obj` on every rank: decisions one rank takes for all (the others pass e.g. None)."""
     if world() == 1:
         return obj
     box = [obj]
@@ -32,3 +30,17 @@ def same_on_all_ranks(obj) -> bool:
     objs = [None] * world()
     dist.all_gather_object(objs, obj)
     return all(o == objs[0] for o in objs)
+
+
+def broadcast_(*tensors) -> None:
+    """Every rank holds rank 0's values (in place)."""
+    for t in tensors if world() > 1 else ():
+        dist.broadcast(t, 0)
+
+
+def mean_(t):
+    """The mean over ranks, in place."""
+    if world() > 1:
+        dist.all_reduce(t)
+        t /= world()
+    return t

@@ -22,7 +22,7 @@ from uvclab.compare.runs import flat_config, read_runs, run_config
 from uvclab.paths import REPO_ROOT, default_teacher, runs_dir
 
 SWEPT = ("method", "macs_ratio", "seed", "kd", "kd_alpha", "kd_tau", "kd_reduction", "layout", "budget_slack")
-NOT_RECIPE = ("threads", "device", "progress", "num_workers", "resume")  # how it ran, not what it computed
+NOT_RECIPE = ("resume",)  # how it ran, not what it computed (and the `run.` section)
 SHOWN = ("method", "macs_ratio", "seed", "kd")   # columns of their own in the table, not repeated in `changes`
 
 
@@ -65,7 +65,8 @@ def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
     for r in runs.itertuples():
         cfg = flat_config(run_config(r.path))
         teacher, t_top1 = _teacher(cfg, r.dataset)
-        recipe = {k: v for k, v in cfg.items() if k not in SWEPT and k not in NOT_RECIPE and not k.startswith("uvc.")}
+        recipe = {k: v for k, v in cfg.items()
+                  if k not in SWEPT and k not in NOT_RECIPE and not k.startswith(("uvc.", "run."))}
         rel = os.path.relpath(r.path, root)
         rows.append({"teacher": teacher, "teacher_top1": t_top1 if t_top1 is not None else r.teacher_top1,
                      "recipe": json.dumps([r.dataset, r.model_name, r.model_kwargs, recipe], sort_keys=True,
@@ -73,7 +74,7 @@ def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
                      "run": rel, "method": r.method, "budget": r.budget, "seed": getattr(r, "seed", None),
                      "kd": cfg.get("kd"), "top1": r.top1, "macs": r.macs, "macs_ratio": r.macs_ratio,
                      "path": r.path})
-        configs.append({k: v for k, v in cfg.items() if k not in NOT_RECIPE})
+        configs.append({k: v for k, v in cfg.items() if k not in NOT_RECIPE and not k.startswith("run.")})
     df = pd.DataFrame(rows)
     df["family"], df["changes"] = "", ""
     for (teacher, _), g in df.groupby(["teacher", "recipe"], sort=False):

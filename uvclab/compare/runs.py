@@ -10,14 +10,16 @@ from typing import Mapping, Optional
 
 import pandas as pd
 
+from uvclab.engine.config import CompressConfig, into_sections, sections
 from uvclab.errors import UvclabError
+from uvclab.paths import CONFIG, METRICS, REPORT, STRUCTURE
 from uvclab.vit.structure import Structure
 from uvclab.vit.t2t_vit import card_kwargs
 
 
 def read_report(run_dir: str | Path) -> dict:
     """The run's report.json as a dict."""
-    path = Path(run_dir) / "report.json"
+    path = Path(run_dir) / REPORT
     if not path.is_file():
         raise UvclabError(f"No report.json in '{run_dir}'. Point at a folder written by `uvclab compress` "
                           "(the run may still be in progress).")
@@ -25,16 +27,18 @@ def read_report(run_dir: str | Path) -> dict:
 
 
 def run_config(run_dir: str | Path) -> dict:
-    """The run folder's config.yaml as a dict ({} when it has none)."""
+    """The run folder's config.yaml as a dict by section ({} when it has none; flat keys of uvclab 0.2 moved
+    into their sections)."""
     import yaml
-    path = Path(run_dir) / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    path = Path(run_dir) / CONFIG
+    return into_sections(CompressConfig, yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def flat_config(cfg: Mapping) -> dict:
-    """A config with its `uvc` settings as `uvc.<key>` entries (one level, for tables)."""
-    flat = {k: v for k, v in cfg.items() if k != "uvc"}
-    flat.update({f"uvc.{k}": v for k, v in (cfg.get("uvc") or {}).items()})
+    """A config with its sections' settings as `run.<key>`, `uvc.<key>` entries (one level, for tables)."""
+    flat = {k: v for k, v in cfg.items() if k not in sections(CompressConfig)}
+    for name in sections(CompressConfig):
+        flat.update({f"{name}.{k}": v for k, v in (cfg.get(name) or {}).items()})
     return flat
 
 
@@ -57,7 +61,7 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     `plot_counts` can show kept (not removed) counts.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         raise UvclabError(f"No metrics.jsonl in '{run_dir}'. Point at a folder written by `uvclab compress`.")
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
@@ -71,8 +75,8 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     df = pd.DataFrame.from_records(records)
     if "macs_ratio" in df and "expected_macs_ratio" not in df:  # metrics written before uvclab 0.2
         df = df.rename(columns={"macs_ratio": "expected_macs_ratio"})
-    if (run_dir / "structure.json").is_file():
-        s = Structure.load(run_dir / "structure.json")
+    if (run_dir / STRUCTURE).is_file():
+        s = Structure.load(run_dir / STRUCTURE)
         df.attrs.update(num_heads=s.num_heads, head_dim=s.head_dim, mlp_hidden=s.mlp_hidden)
     return df
 
@@ -101,7 +105,7 @@ def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
     """
     from uvclab.paths import runs_dir
     rows = []
-    for rep in sorted(Path(runs_root or runs_dir()).glob("**/report.json")):
+    for rep in sorted(Path(runs_root or runs_dir()).glob(f"**/{REPORT}")):
         try:
             r = _current_keys(json.loads(rep.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -141,7 +145,7 @@ def search_summary(run_dir: str | Path) -> dict:
 def find_run(config: Mapping, runs_root: str | Path) -> Optional[Path]:
     """The first finished run folder under `runs_root` (any depth, sorted) whose config.yaml equals `config`
     (a `CompressConfig.to_dict()`), or None: a notebook can reuse a run an earlier notebook made."""
-    for rep in sorted(Path(runs_root).glob("**/report.json")):
-        if (rep.parent / "config.yaml").is_file() and run_config(rep.parent) == dict(config):
+    for rep in sorted(Path(runs_root).glob(f"**/{REPORT}")):
+        if (rep.parent / CONFIG).is_file() and run_config(rep.parent) == dict(config):
             return rep.parent
     return None

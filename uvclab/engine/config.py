@@ -32,6 +32,24 @@ ABLATIONS = {  # UVC with one ingredient changed: name -> dotted config override
 }
 
 
+class YamlConfig:
+    """YAML in and out of a frozen config dataclass; its sections (dataclass fields) read from nested keys."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = into_sections(cls, d)
+        for name, section in sections(cls).items():
+            if isinstance(d.get(name), dict):
+                d[name] = _from_dict(section, d[name], f"{name}.")
+        return _from_dict(cls, d)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How a job runs rather than what it computes (config keys `run.*`; a flat `device` still works)."""
@@ -45,7 +63,7 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
-class CompressConfig:
+class CompressConfig(YamlConfig):
     method: str = "uvc"                  # structure strategy, a name in engine.strategies.STRATEGIES: uvc (the
                                          # search) or a one-shot cut (they fine-tune for the warm-up + search
                                          # epochs too, so every method sees the same images)
@@ -112,10 +130,6 @@ class CompressConfig:
         if self.model is None and self.teacher is None:
             raise UvclabError("Give a model (timm name) or a teacher card to start from.")
 
-    # ---- (de)serialisation ------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> "CompressConfig":
         d = into_sections(cls, d)
@@ -126,17 +140,11 @@ class CompressConfig:
             d["macs_ratio"] = b
         if isinstance(d.get("uvc"), dict):  # run folders before 0.2 copied the budget into uvc
             d["uvc"] = {k: v for k, v in d["uvc"].items() if k != "macs_ratio"}
-        for name, section in _sections(cls).items():
-            if isinstance(d.get(name), dict):
-                d[name] = _from_dict(section, d[name], f"{name}.")
-        return _from_dict(cls, d)
-
-    def save(self, path: str | Path) -> None:
-        save_yaml(self, path)
+        return super().from_dict(d)
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(YamlConfig):
     """`uvclab teacher`: train a ViT from scratch (DeiT recipe scaled down for CPU), keep its best epoch."""
     model: str = "deit_tiny_patch16_224"  # timm ViT name, shrunk by model_kwargs
     model_kwargs: dict = field(default_factory=dict)  # timm kwargs (embed_dim, depth, ...); img_size, in_chans
@@ -164,18 +172,9 @@ class TeacherConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UvclabError("epochs, batch_size and lr must be positive.")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TeacherConfig":
-        return _from_dict(cls, d)
-
-    def save(self, path: str | Path) -> None:
-        save_yaml(self, path)
 
 
-def _sections(cls) -> dict:
+def sections(cls) -> dict:
     """name -> dataclass of the config's sections (fields that are dataclasses themselves: run, uvc)."""
     return {f.name: f.default_factory for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default_factory)}
 
@@ -184,10 +183,10 @@ def into_sections(cls, d: dict) -> dict:
     """Configs from before the sections (flat YAML, run folders, `--set device=cuda`, notebook parameters): a key
     that is no field of `cls` but a field of exactly one of its sections moves into that section
     (`device` -> `run.device`, `select_skips` -> `uvc.select_skips`). The one place old keys are mapped."""
-    top, sections = {f.name for f in dataclasses.fields(cls)}, _sections(cls)
-    out = {k: dict(v) if isinstance(v, dict) and k in sections else v for k, v in d.items()}
+    top, secs = {f.name for f in dataclasses.fields(cls)}, sections(cls)
+    out = {k: dict(v) if isinstance(v, dict) and k in secs else v for k, v in d.items()}
     for key in [k for k in d if k not in top]:
-        homes = [n for n, sec in sections.items() if key in {f.name for f in dataclasses.fields(sec)}]
+        homes = [n for n, sec in secs.items() if key in {f.name for f in dataclasses.fields(sec)}]
         if len(homes) > 1:
             raise UvclabError(f"'{key}' is a key of several sections ({', '.join(h + '.' + key for h in homes)}); "
                               "give it with its section.")
@@ -210,10 +209,6 @@ def _from_dict(cls, d: dict, prefix: str = ""):
         return cls(**_numbers(cls, d, prefix))
     except TypeError as e:
         raise UvclabError(f"Bad config: {e}") from e
-
-
-def save_yaml(cfg, path: str | Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _numbers(cls, d: dict, prefix: str = "") -> dict:
@@ -274,7 +269,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def config_from_parameters(params: Mapping, overrides=None, **extra: Any) -> CompressConfig:
     """A CompressConfig from a notebook's parameter variables: every name in `params` (e.g. `globals()` after
     the papermill cell) that is a config field, then `extra`, then dotted `overrides`; progress bars off."""
-    fields = {f.name for c in (CompressConfig, *_sections(CompressConfig).values()) for f in dataclasses.fields(c)}
+    fields = {f.name for c in (CompressConfig, *sections(CompressConfig).values()) for f in dataclasses.fields(c)}
     d = {k: v for k, v in params.items() if k in fields and not k.startswith("_")}  # flat: into_sections maps them
     return CompressConfig.from_dict(parse_overrides(overrides, dict(d, progress=False, **extra)))
 

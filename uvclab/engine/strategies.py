@@ -38,7 +38,7 @@ class Job:
     model: torch.nn.Module               # the gated student (the teacher's weights unless a model is named)
     teacher: torch.nn.Module             # frozen
     splits: Any                          # engine.data.Splits (validation / test already capped)
-    out: Path                            # the run folder
+    out: Path                            # the run folder (its metrics log: `log`)
     log: MetricsLog
     ckpt: Optional[dict] = None          # the checkpoint to continue from (None: a fresh start)
     latency: Optional[LatencyTable] = None  # budget_kind latency: the table (fetched once per run)

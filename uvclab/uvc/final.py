@@ -1,30 +1,15 @@
 """End of UVC's stage 1: the one verb `final_structure` turns the optimiser's state into the run's Structure.
 
-The reference code leaves this to a hand-picked checkpoint (docs/method.md §3.5). Here: the counts' structure
-fitted to the budget (`uvclab.uvc.select`), which blocks to skip, and with a latency budget a measured-latency
-feedback. What it needs from the pipeline comes in as callables: `evaluate(model, dataset) -> top-1`,
-`finetune(slim, steps)` (a few distillation steps) and `timer(models) -> ms each`.
-
-Skip selection ('validation'): in short searches the Gumbel gates never skip a block (README, "The search"),
-and the width fit alone then has to reach the budget: at a latency budget of 0.3 it cut every block to one
-head and a few neurons (validation 31.7 % before fine-tuning) where dropping whole blocks removes their
-per-block time (LayerNorm, softmax, reshapes) that no width cut removes. So the candidates are the fitted
-structures with k = 0, 1, 2, ... blocks skipped, each next block the one whose removal costs the least
-validation accuracy; each candidate is exported from the searched weights, gets `select_finetune_steps` steps
-of the run's distillation fine-tuning and is scored on validation, and the best is kept (fewer skips on ties).
-Scored as exported instead, block-skipped candidates look far better than they end. 'gates' keeps the gates'
-own decisions (the search alone).
-
-Measured feedback (latency budget): the table predicts time, the device decides it. The selected structure
-is exported and timed against dense (alternating rounds, median); while the measured ratio exceeds
-B x (1 + latency_tolerance), the fit is repeated on a lower predicted target, the achieved prediction scaled
-by B / measured, with the same blocks skipped. Under torchrun rank 0 decides, every rank gets its result,
-and the ranks' states are checked to be bit-identical.
+The reference code leaves this to a hand-picked checkpoint (docs/method.md §3.5, the reasons for each step).
+Here: the counts' structure fitted to the budget (`uvclab.uvc.select`); which blocks to skip ('gates': the
+search's own decisions; 'validation': candidates with k = 0, 1, 2, ... blocks skipped, each exported, briefly
+fine-tuned and scored on validation); with a latency budget, a measured-latency feedback that refits to a
+lower predicted target while the export measures over B x (1 + latency_tolerance). What it needs from the
+pipeline comes as callables: `evaluate(model, dataset)`, `finetune(slim, steps)`, `timer(models)`. Under
+torchrun rank 0 decides, every rank gets its result, and the ranks' states are checked to be bit-identical.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from typing import Callable, Optional
 
@@ -78,17 +63,9 @@ def final_structure(uvc: UVCPrimalDual, model: torch.nn.Module, budget: float,
         return st.to_dict(), info
     st, info = from_rank0(decide() if rank() == 0 else None)
     st = Structure.from_dict(st)
-    if not same_on_all_ranks(_digest(uvc, st)):
+    if not same_on_all_ranks((st.to_dict(), [t.tolist() for t in uvc.state.tensors()])):  # counts, duals, gates
         raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
     return st, info
-
-
-def _digest(uvc: UVCPrimalDual, st: Structure) -> str:
-    """sha256 of the structure and the optimiser's counts, duals and gates (bit-identical on every rank)."""
-    h = hashlib.sha256(json.dumps(st.to_dict()).encode())
-    for t in uvc.state.tensors():
-        h.update(t.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def masked_top1(model: torch.nn.Module, st: Structure, dataset, evaluate: Evaluate) -> float:
@@ -99,9 +76,9 @@ def masked_top1(model: torch.nn.Module, st: Structure, dataset, evaluate: Evalua
 
 def candidate_score(model, layout: str, val_set, evaluate: Evaluate, finetune, steps: int):
     """score(structure) -> validation top-1 of the structure exported from the searched weights after `steps`
-    steps of the run's distillation fine-tuning (0: masked, as searched). Before any fine-tuning, block-skipped
-    structures look far better than they end (Fashion-MNIST, latency 0.5: 79 vs 58-60 % for width-pruned ones
-    that end 0.2 points above them); after 24 steps the order is the final one's."""
+    steps of the run's distillation fine-tuning (0: masked, as searched). Unfine-tuned, block-skipped structures
+    look far better than they end (Fashion-MNIST, latency 0.5: 79 vs 58-60 % for width-pruned ones that end
+    0.2 points above them); after 24 steps the order is the final one's."""
     def score(st: Structure) -> float:
         if steps == 0:
             return masked_top1(model, st, val_set, evaluate)
@@ -114,12 +91,11 @@ def candidate_score(model, layout: str, val_set, evaluate: Evaluate, finetune, s
 def skips_by_validation(uvc: UVCPrimalDual, model, score, top1, slack: float, layout: str,
                         patience: Optional[int] = None, log=None) -> tuple[Structure, list[int], list[dict]]:
     """(best structure, its forced skips, every candidate's record). Candidate k skips k blocks, chosen greedily:
-    the next is the block whose removal keeps the most validation accuracy `top1(structure)` of the searched
-    weights at full width (no fine-tuning: a ranking of blocks, as the `depth` baseline's; ranked with the
-    search's pruned widths instead, Fashion-MNIST at latency 0.3 / 0.5 ended at 80.3 / 85.7 % validation
-    instead of 82.0 / 85.9); each candidate is fitted to the budget and scored by `score`.
-    Stops when a candidate falls below the budget band (its kept blocks are whole: more skips only lose),
-    when no structure fits, or after `patience` candidates in a row below the best so far."""
+    the next is the block whose removal keeps the most `top1(structure)` of the searched weights at full width
+    (ranked with the search's pruned widths instead, Fashion-MNIST at latency 0.3 / 0.5 ended at 80.3 / 85.7 %
+    validation instead of 82.0 / 85.9); each candidate is fitted to the budget and scored by `score`. Stops
+    when a candidate falls below the budget band (its kept blocks are whole: more skips only lose), when no
+    structure fits, or after `patience` candidates in a row below the best so far."""
     base = current_structure(uvc)
     skip: list[int] = [l for l, b in enumerate(base.blocks) if not b.keep]  # the gates' own skips stay skipped
     best, records, worse = None, [], 0

@@ -9,7 +9,7 @@ warm-up) projected SGD on s, r, SGD on alpha every `gating_interval` steps, and 
 picked once at construction.
 The resource R is the expected MACs ratio, or with a `LatencyTable` the predicted latency ratio (budget_kind
 'latency': the table's piecewise-linear interpolation, differentiable in the counts like the MACs formula).
-Under torchrun every rank holds the same state: the few collective calls live in `_Collective`.
+Under torchrun every rank holds the same state (`uvclab.ranks`: broadcast_, mean_).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from uvclab.prune.baselines import macs_budget_for_latency
+from uvclab.ranks import broadcast_, mean_
 from uvclab.uvc.ops import clipped, least_sum, projected_sgd, selected_mask, ste_ceil
 from uvclab.uvc.settings import UVCSettings
 from uvclab.uvc.variants import chosen
@@ -67,28 +67,6 @@ class UVCState:
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, k).detach() if k == "alpha" else getattr(self, k) for k in self.TENSORS]
-
-
-class _Collective:
-    """The optimiser's only torch.distributed calls (no-ops in a single process)."""
-
-    @staticmethod
-    def active() -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    @classmethod
-    def broadcast_(cls, *tensors: torch.Tensor) -> None:
-        """Make every rank hold rank 0's values (Gumbel noise before use; the state after each step)."""
-        if cls.active():
-            for t in tensors:
-                dist.broadcast(t, 0)
-
-    @classmethod
-    def mean_(cls, t: torch.Tensor) -> torch.Tensor:
-        if cls.active():
-            dist.all_reduce(t)
-            t /= dist.get_world_size()
-        return t
 
 
 class UVCPrimalDual:
@@ -160,7 +138,7 @@ class UVCPrimalDual:
         if warmup:
             return None if self.cfg.warmup_gate == 1.0 else torch.full_like(self.alpha[:, 0], self.cfg.warmup_gate)
         gumbels = -torch.empty_like(self.alpha).exponential_().log()
-        _Collective.broadcast_(gumbels)  # identical noise on every rank by construction
+        broadcast_(gumbels)  # identical noise on every rank by construction
         return F.softmax((self.alpha + gumbels) / self.cfg.gumbel_tau, dim=-1)[:, 1]
 
     def set_model_gates(self, gates: Optional[torch.Tensor]) -> None:
@@ -235,7 +213,9 @@ class UVCPrimalDual:
             st.alpha.grad = None
             return self._record(epoch, warmup=True)
         dims, heads, neurons = self.scores()
-        task_alpha_grad = self._task_alpha_grad()
+        task_alpha_grad = st.alpha.grad.clone() if st.alpha.grad is not None else torch.zeros_like(st.alpha)
+        st.alpha.grad = None
+        mean_(task_alpha_grad)  # the loss's gradient on the gate logits (forward with sampled gates), over ranks
         # count step: gradients of sum(y * LeastSum) + z * clip(R - target) w.r.t. s, r, alpha
         s = st.s.clone().requires_grad_(cfg.prune)
         r = st.r.clone().requires_grad_(cfg.prune and cfg.prune_dims)
@@ -245,17 +225,17 @@ class UVCPrimalDual:
         st.search_step += 1
         budget_term = st.z * clipped(R - target, cfg.z_grad_clip)
         self._count_step(budget_term, R, s, r, dims, heads, neurons)
-        self._gate_step(task_alpha_grad, alpha.grad)
+        if cfg.block_skip:  # gate step: SGD every `gating_interval` steps on the mean of the buffered gradients
+            g = task_alpha_grad + cfg.gating_weight * alpha.grad
+            st.gate_buffer.append(g * self.fn.gate_weight(st.global_step, cfg.gating_interval))
+            if st.global_step % cfg.gating_interval == 0:
+                st.alpha.grad = torch.stack(st.gate_buffer).mean(0)
+                self.gate_opt.step()
+                st.alpha.grad = None
+                st.gate_buffer = []
         R_new = self._dual_step(dims, heads, neurons, target, epoch)  # dual updates with the new counts
-        _Collective.broadcast_(*st.tensors())  # every rank already agrees; this guarantees it
+        broadcast_(*st.tensors())  # every rank already agrees; this guarantees it
         return self._record(epoch, warmup=False, R=float(R_new))
-
-    def _task_alpha_grad(self) -> torch.Tensor:
-        """The loss's gradient on the gate logits (from the forward with sampled gates), averaged over ranks."""
-        st = self.state
-        g = st.alpha.grad.clone() if st.alpha.grad is not None else torch.zeros_like(st.alpha)
-        st.alpha.grad = None
-        return _Collective.mean_(g)
 
     def _count_step(self, budget_term, R, s, r, dims, heads, neurons) -> None:
         """Backward of the Lagrangian (`uvc.count_grad`), then projected SGD on s and r."""
@@ -269,19 +249,6 @@ class UVCPrimalDual:
         if cfg.prune_dims:
             r_max = torch.full_like(st.r, self.r_max)
             st.r = self.fn.tie_dims(projected_sgd(st.r, r_grad, r_max, cfg.count_lr, self.count_scale(r_max)))
-
-    def _gate_step(self, task_alpha_grad: torch.Tensor, resource_grad: Optional[torch.Tensor]) -> None:
-        """SGD on the gate logits every `gating_interval` steps, on the mean of the buffered gradients."""
-        st, cfg = self.state, self.cfg
-        if not cfg.block_skip:
-            return
-        g = task_alpha_grad + cfg.gating_weight * resource_grad
-        st.gate_buffer.append(g * self.fn.gate_weight(st.global_step, cfg.gating_interval))
-        if st.global_step % cfg.gating_interval == 0:
-            st.alpha.grad = torch.stack(st.gate_buffer).mean(0)
-            self.gate_opt.step()
-            st.alpha.grad = None
-            st.gate_buffer = []
 
     @torch.no_grad()
     def _dual_step(self, dims, heads, neurons, target: float, epoch: int) -> torch.Tensor:

@@ -69,21 +69,19 @@ class UVCSettings:
                                         # v to the widest kept head, so dims removed from narrower heads save no
                                         # MACs (with tied dims R equals the exported count)
     # ---- the final structure (`uvclab.uvc.final`) and a latency budget (budget_kind latency)
-    search_resource: str = "macs"       # latency budget: the search's R: macs (MACs, to the MACs ratio of a
-                                        # magnitude cut predicted at the latency budget; chosen on validation) |
-                                        # latency (the table's prediction); the final structure is fitted to the
-                                        # latency budget either way
-    select_skips: str = "auto"          # which blocks to skip: gates (the search's own decisions) | validation
-                                        # (candidates with 0, 1, 2.. blocks skipped, the best on validation) |
-                                        # auto (validation for a latency budget, else gates)
+    search_resource: str = "macs"       # latency budget: the search's R: macs (to the MACs ratio of the magnitude
+                                        # cut predicted at the budget) | latency (the table); the final fit is on
+                                        # the latency either way
+    select_skips: str = "auto"          # blocks skipped: gates (the search's decisions) | validation (the best of
+                                        # 0, 1, 2.. skipped) | auto (validation for a latency budget, else gates)
     select_eval_samples: Optional[int] = 1000  # validation images per skip candidate (null: all)
     select_finetune_steps: int = 24     # distillation steps each skip candidate gets before it is scored (0: none)
-    select_patience: Optional[int] = None  # stop adding skips after this many candidates in a row below the best
-                                        # (null: until a candidate falls below the budget band)
-    latency_batch_size: int = 64        # latency budget: the batch the table is measured (and the export timed) at
-    latency_threads: Optional[int] = None  # latency budget: torch threads when timing (None: run.threads, else torch's)
-    latency_feedback: int = 3           # latency budget: refits when the export measures over the budget (0: off)
-    latency_tolerance: float = 0.02     # latency budget: measured ratio accepted up to B x (1 + this)
+    select_patience: Optional[int] = None  # stop after this many candidates in a row below the best (null: at the
+                                        # first one below the budget band)
+    latency_batch_size: int = 64        # the batch the latency table is measured (and the export timed) at
+    latency_threads: Optional[int] = None  # torch threads when timing (None: run.threads, else torch's)
+    latency_feedback: int = 3           # refits when the export measures over the latency budget (0: off)
+    latency_tolerance: float = 0.02     # measured latency ratio accepted up to B x (1 + this)
 
     def __post_init__(self):
         choices = {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
