@@ -9,7 +9,7 @@ import torch
 
 import uvclab
 from uvclab.engine import compress as train
-from uvclab.engine import distill, search as search_stage
+from uvclab.engine import distill, strategies as search_stage
 from uvclab.engine.loop import evaluate
 from uvclab.engine.runfiles import load_checkpoint
 from uvclab.ui.cli import main

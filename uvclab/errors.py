@@ -8,6 +8,13 @@ class UvclabError(ValueError):
     """A user-facing error whose message names the fix."""
 
 
+def one_of(obj, choices: dict, prefix: str = "") -> None:
+    """Config fields with a fixed set of values: field name -> the allowed values."""
+    for name, allowed in choices.items():
+        if getattr(obj, name) not in allowed:
+            raise UvclabError(f"{prefix}{name}={getattr(obj, name)!r} is not one of {tuple(allowed)}.")
+
+
 def at_least_one(obj, names, prefix: str = "") -> None:
     """Config fields that are optional counts: None (no limit) or >= 1, else a clear error."""
     for name in names:

@@ -1,15 +1,10 @@
-"""Atomic file writes (a crash mid-write never leaves a half-written checkpoint, structure or report) and YAML
-config files read with clear errors."""
+"""Atomic file writes: a crash mid-write never leaves a half-written checkpoint, structure or report."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
-
-import yaml
-
-from uvclab.errors import UvclabError
+from typing import Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -32,19 +27,3 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def read_yaml(path: Optional[str | Path]) -> dict:
-    """A YAML mapping from a file (empty without a path); clear errors for a missing or malformed file."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise UvclabError(f"Config file '{p}' does not exist.")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UvclabError(f"Config file '{p}' is not valid YAML: {e}") from e
-    if not isinstance(d, dict):
-        raise UvclabError(f"Config file '{p}' must hold a mapping of keys to values.")
-    return d

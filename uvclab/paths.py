@@ -9,9 +9,8 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# the files of a run folder (`uvclab compress --out`), by role
-REPORT, CONFIG, CHECKPOINT, METRICS = "report.json", "config.yaml", "checkpoint.pt", "metrics.jsonl"
-STRUCTURE, UVC_STATE, MODEL_DIR = "structure.json", "uvc_state.json", "model"
+REPORT, CONFIG, CHECKPOINT, METRICS = "report.json", "config.yaml", "checkpoint.pt", "metrics.jsonl"  # a run
+STRUCTURE, UVC_STATE, MODEL_DIR = "structure.json", "uvc_state.json", "model"  # folder's files, by role
 
 
 def data_dir() -> Path:

@@ -27,8 +27,7 @@ def read_report(run_dir: str | Path) -> dict:
 
 
 def run_config(run_dir: str | Path) -> dict:
-    """The run folder's config.yaml as a dict by section ({} when it has none; flat keys of uvclab 0.2 moved
-    into their sections)."""
+    """The run folder's config.yaml as a dict by section ({} without one; uvclab 0.2's flat keys moved in)."""
     import yaml
     path = Path(run_dir) / CONFIG
     return into_sections(CompressConfig, yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

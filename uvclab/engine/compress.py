@@ -140,10 +140,8 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
 
 
 def latency_report(table: LatencyTable, model, structure: Structure, slim, layout: str, device: str) -> dict:
-    """Predicted (the table) and measured (dense vs export, alternating rounds) latency at the table's batch
-    and threads."""
-    dense_pred = table.predicted_dense_ms(structure.depth)
-    pred = table.structure_ms(structure, layout)
+    """Predicted (the table) and measured (dense vs export, alternating rounds) latency at the table's batch."""
+    dense_pred, pred = table.predicted_dense_ms(structure.depth), table.structure_ms(structure, layout)
     batch, threads = table.key["batch_size"], table.key["threads"]
     dense_ms, ms = measure_ms([export_model(model, Structure.dense(model), layout), copy.deepcopy(slim)], batch,
                               device=device, threads=threads)
@@ -206,14 +204,14 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
     report = {"uvclab_version": __version__, "method": cfg.method, "model": model.uvclab_config,
               "dataset": cfg.dataset, "seed": cfg.seed, "teacher_top1": teacher_top1, "top1": top1,
               "val_top1": best_val, "val_top1_before_finetune": val_before_finetune, "budget": cfg.macs_ratio,
-              "search_end_macs_ratio": None,
+              "search_end_macs_ratio": None, "selection": None,
               "macs": slim_count["macs"], "dense_macs": dense["macs"], "macs_ratio": slim_count["macs"] / dense["macs"],
               "params": slim_count["params"], "dense_params": dense["params"],
               "params_ratio": slim_count["params"] / dense["params"],
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
               "layout": cfg.layout, "train_images": train_images(cfg), "seconds": time.time() - t0,
               "world_size": world(), "val_samples": len(splits.val), "test_samples": len(splits.test),
-              "budget_kind": cfg.budget_kind, "selection": None, **notes}
+              "budget_kind": cfg.budget_kind, **notes}
     if table is not None:
         report.update(latency_report(table, model, structure, slim, cfg.layout, cfg.run.device))
     if rank() == 0:

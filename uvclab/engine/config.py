@@ -16,8 +16,9 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from uvclab.vit.macs import LAYOUTS, check_budget
-from uvclab.errors import UvclabError, at_least_one
-from uvclab.io_utils import atomic_write_text, read_yaml
+from uvclab.errors import UvclabError, at_least_one, one_of
+from uvclab.io_utils import atomic_write_text
+from uvclab.engine.data import DATASETS
 from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
 from uvclab.engine.strategies import STRATEGIES
 from uvclab.uvc.settings import UVCSettings
@@ -45,6 +46,10 @@ class YamlConfig:
             if isinstance(d.get(name), dict):
                 d[name] = _from_dict(section, d[name], f"{name}.")
         return _from_dict(cls, d)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(read_yaml(path))
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -103,22 +108,13 @@ class CompressConfig(YamlConfig):
 
     def __post_init__(self):
         check_budget(self.macs_ratio)
-        if self.budget_kind not in BUDGET_KINDS:
-            raise UvclabError(f"budget_kind='{self.budget_kind}' is not one of {BUDGET_KINDS}.")
+        one_of(self, {"budget_kind": BUDGET_KINDS, "method": STRATEGIES, "kd": KD_KINDS,
+                      "kd_reduction": KD_REDUCTIONS, "layout": LAYOUTS})
         if self.budget_kind == "latency" and self.method != "uvc":
             raise UvclabError(f"budget_kind=latency needs method=uvc (the one-shot method '{self.method}' cuts to "
                               "a MACs budget); use budget_kind=macs.")
-        if self.method not in STRATEGIES:
-            raise UvclabError(f"method='{self.method}' is not one of {tuple(STRATEGIES)}.")
-        from uvclab.engine.data import DATASETS
         if self.dataset not in DATASETS:
             raise UvclabError(f"Unknown dataset '{self.dataset}'. Choose one of: {', '.join(DATASETS)}.")
-        if self.kd not in KD_KINDS:
-            raise UvclabError(f"kd='{self.kd}' is not one of {KD_KINDS}.")
-        if self.kd_reduction not in KD_REDUCTIONS:
-            raise UvclabError(f"kd_reduction='{self.kd_reduction}' is not one of {KD_REDUCTIONS}.")
-        if self.layout not in LAYOUTS:
-            raise UvclabError(f"layout='{self.layout}' is not one of {LAYOUTS}.")
         for name in ("warmup_epochs", "search_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise UvclabError(f"{name} must be >= 0.")
@@ -166,7 +162,6 @@ class TeacherConfig(YamlConfig):
     fp16: Optional[bool] = None          # store fp16 weights (None: only when fp32 would exceed 10 MB)
 
     def __post_init__(self):
-        from uvclab.engine.data import DATASETS
         if self.dataset not in DATASETS:
             raise UvclabError(f"Unknown dataset '{self.dataset}'. Choose one of: {', '.join(DATASETS)}.")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -192,7 +187,6 @@ def into_sections(cls, d: dict) -> dict:
                               "give it with its section.")
         if homes:
             sec = out.setdefault(homes[0], {})
-            sec = out[homes[0]] = sec if isinstance(sec, dict) else dataclasses.asdict(sec)
             if key in sec and sec[key] != d[key]:
                 raise UvclabError(f"{key}={d[key]!r} and {homes[0]}.{key}={sec[key]!r} disagree; give one of them.")
             sec[key] = out.pop(key)
@@ -231,6 +225,22 @@ def _numbers(cls, d: dict, prefix: str = "") -> dict:
             raise UvclabError(f"{prefix}{k}={v!r} must be {kind}.") from None
         out[k] = num if "float" in t else int(num)
     return out
+
+
+def read_yaml(path: Optional[str | Path]) -> dict:
+    """A YAML mapping from a file (empty without a path); clear errors for a missing or malformed file."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UvclabError(f"Config file '{p}' does not exist.")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UvclabError(f"Config file '{p}' is not valid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise UvclabError(f"Config file '{p}' must hold a mapping of keys to values.")
+    return d
 
 
 def parse_overrides(items, into: Optional[dict] = None) -> dict:

@@ -81,8 +81,7 @@ def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 def kd_loss_fn(model: torch.nn.Module, teacher: torch.nn.Module, kind: str = "soft", alpha: float = 0.5,
                tau: float = 1.0, reduction: str = "batchmean"):
-    """loss(x, y): the distillation loss of `model` against the frozen `teacher` (config keys kd, kd_alpha,
-    kd_tau, kd_reduction)."""
+    """loss(x, y): the distillation loss of `model` against the frozen `teacher` (config kd, kd_alpha, ...)."""
     def loss(x, y):
         with torch.no_grad():
             t = teacher(x)

@@ -18,7 +18,7 @@ import torch
 
 from uvclab.engine.loop import job_store, restart_count
 from uvclab.errors import UvclabError
-from uvclab.io_utils import atomic_write, read_yaml
+from uvclab.io_utils import atomic_write
 from uvclab.paths import CHECKPOINT, CONFIG, REPORT
 from uvclab.ranks import from_rank0, rank, same_on_all_ranks
 
@@ -97,7 +97,7 @@ def _plan(cfg, out: Path, mode: str) -> dict:
         raise UvclabError(f"--resume, but '{out}' holds no run to continue; drop --resume to start one, or use "
                           "--resume auto (continue if there is something to continue).")
     if ckpt.exists() and (out / CONFIG).exists():
-        if type(cfg).from_dict(read_yaml(out / CONFIG)).to_dict() != cfg.to_dict():
+        if type(cfg).load(out / CONFIG).to_dict() != cfg.to_dict():
             raise UvclabError(f"--resume with a different config than the one saved in '{out}/config.yaml'; "
                               "resume with the same settings, or start a new --out folder.")
     out.mkdir(parents=True, exist_ok=True)

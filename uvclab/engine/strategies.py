@@ -1,13 +1,10 @@
 """Structure strategies of `compress`: the one table of methods (config key `method`), name -> function(job)
-returning the Structure every method is then exported, fine-tuned, saved and reported with.
-
-`uvc` is the primal-dual search (`uvclab.engine.search`) and its final structure (`uvclab.uvc.final`); the
-others cut the teacher's weights in one shot: `magnitude` (global magnitude structured pruning), `uniform`
-(the same kept fraction in every block), `depth` (drop whole blocks, greedily by validation accuracy),
-`torch_pruning` (Torch-Pruning's global group Taylor pruning, expressed as a Structure), `isomorphic` (the same
-with Isomorphic Pruning's ranking within structurally identical groups, Fang et al., ECCV 2024). A new method
-is a function of a `Job` and one line in `STRATEGIES`; config validation, the CLI and the benchmark read it.
-"""
+returning the Structure every method is then exported, fine-tuned, saved and reported with. `uvc` is the
+primal-dual search over the training loop (`search`) and its `uvclab.uvc.final_structure`; the others cut the
+teacher's weights in one shot: `magnitude` (global magnitude structured pruning), `uniform` (the same kept
+fraction in every block), `depth` (drop whole blocks, greedily by validation accuracy), `torch_pruning`
+(Torch-Pruning's global group Taylor pruning as a Structure), `isomorphic` (its Isomorphic Pruning ranking,
+Fang et al., ECCV 2024). A new method is a function of a `Job` and one line in `STRATEGIES`."""
 from __future__ import annotations
 
 import copy
@@ -19,15 +16,17 @@ from typing import Any, Callable, Optional
 import torch
 
 from uvclab.engine.distill import kd_loss_fn
-from uvclab.engine.loop import adamw_with_schedule, evaluate, masked_top1, seeded_loader, train_one_epoch
-from uvclab.engine.runfiles import MetricsLog
-from uvclab.engine.search import search
+from uvclab.engine.loop import (adamw_with_schedule, evaluate, masked_top1, seeded_loader, steps_per_epoch,
+                                train_one_epoch)
+from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, save_checkpoint
 from uvclab.io_utils import atomic_write_text
-from uvclab.paths import UVC_STATE
+from uvclab.paths import CHECKPOINT, UVC_STATE
 from uvclab.prune import baselines
-from uvclab.ranks import rank
-from uvclab.uvc import final_structure
+from uvclab.ranks import rank, world
+from uvclab.uvc import UVCPrimalDual, current_structure, final_structure
 from uvclab.vit.latency import LatencyTable
+from uvclab.vit.latency_build import measure_ms
+from uvclab.vit.macs import count
 from uvclab.vit.structure import Structure
 
 
@@ -45,10 +44,59 @@ class Job:
     notes: dict = field(default_factory=dict)
 
 
+def search(job: Job) -> UVCPrimalDual:
+    """UVC stage 1: each step a Gumbel gate sample, the KD loss, the weight step, then `UVCPrimalDual.step` as the
+    loop's post-step hook (docs/method.md §3.2); each epoch the counts' hard structure scored on validation and
+    the whole state checkpointed (`--resume` continues bit-identically). Returns the optimiser."""
+    cfg, model, splits, out, log, ckpt = job.cfg, job.model, job.splits, job.out, job.log, job.ckpt
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world() > 1 else model
+    epochs = cfg.warmup_epochs + cfg.search_epochs
+    steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
+    uvc = UVCPrimalDual.for_search(model, cfg.uvc, cfg.macs_ratio, job.latency, cfg.layout,
+                                   total_epochs=cfg.search_epochs, total_steps=cfg.search_epochs * steps)
+    opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
+    start = 0
+    if ckpt is not None and ckpt["stage"] == "search":
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        uvc.load_state_dict(ckpt["uvc"])
+        torch.set_rng_state(ckpt["rng"])
+        start = ckpt["epoch"]
+    kd = kd_loss_fn(ddp_model, job.teacher, cfg.kd, cfg.kd_alpha, cfg.kd_tau, cfg.kd_reduction)
+    for epoch in range(start, epochs):
+        warm = epoch < cfg.warmup_epochs
+
+        def loss_fn(x, y):
+            uvc.set_model_gates(uvc.gate_sample(warmup=warm))
+            return kd(x, y)
+
+        def after_step(step, loss):
+            rec = uvc.step(opt.param_groups[0]["lr"], epoch, warm)
+            log.write({"stage": "search", "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **rec})
+            return {"R": f"{rec['R']:.3f}", "z": f"{rec['z']:.2g}"}
+
+        train_one_epoch(model, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
+                                             num_workers=cfg.run.num_workers),
+                        opt, sched, loss_fn, steps=steps, progress=cfg.run.progress, after_step=after_step,
+                        desc=f"search {epoch + 1}/{epochs}" + (" (warm-up)" if warm else ""),
+                        on_nonfinite=nonfinite_stop("search", epoch, out / CHECKPOINT))
+        uvc.set_model_gates(None)
+        st = current_structure(uvc)
+        val = masked_top1(model, st, splits.val)
+        log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
+                   "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
+                   "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})
+        save_checkpoint(out / CHECKPOINT, {"stage": "search", "epoch": epoch + 1, "model": model.state_dict(),
+                                           "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                           "uvc": uvc.state_dict(), "rng": torch.get_rng_state()})
+    return uvc
+
+
 def uvc(job: Job) -> Structure:
     """UVC: the primal-dual search, then `final_structure` (skip candidates, latency feedback)."""
     cfg = job.cfg
-    opt = search(cfg, job.model, job.teacher, job.splits, job.out, job.log, job.ckpt, job.latency)
+    opt = search(job)
 
     def finetune(slim, steps: int) -> None:  # a skip candidate's few steps of the run's distillation
         o, sched = adamw_with_schedule(slim, cfg.finetune_lr, cfg.weight_decay, steps, max(1, steps // 4))
@@ -56,30 +104,18 @@ def uvc(job: Job) -> Structure:
                         kd_loss_fn(slim, job.teacher, cfg.kd, cfg.kd_alpha, cfg.kd_tau, cfg.kd_reduction),
                         steps=steps, progress=False)
 
-    def timer(models: list) -> list[float]:  # dense vs export at the table's batch and threads
-        from uvclab.vit.latency_build import measure_ms
-        return measure_ms(models, cfg.uvc.latency_batch_size, device=cfg.run.device,
-                          threads=job.latency.key["threads"])
+    timer = lambda models: measure_ms(models, cfg.uvc.latency_batch_size, device=cfg.run.device,  # noqa: E731
+                                      threads=job.latency.key["threads"])  # at the table's batch and threads
     structure, selection = final_structure(opt, job.model, cfg.macs_ratio, job.latency, cfg.budget_slack,
                                            cfg.layout, job.splits.val, evaluate, finetune, timer, job.log)
     job.notes.update(search_end_macs_ratio=opt.last.get("expected_macs_ratio"), selection=selection)
     if job.latency is not None:  # searched on MACs: the prediction of its structure
         job.notes["search_end_latency_ratio"] = (opt.last.get("expected_latency_ratio")
                                                  or selection["search_structure_cost_ratio"])
-    if rank() == 0:
+    if rank() == 0:  # the optimiser's end state and the notes (a resume in stage 2 reads them from its checkpoint)
         atomic_write_text(job.out / UVC_STATE, json.dumps(
-            {**{k: v.tolist() for k, v in opt.state_dict().items() if isinstance(v, torch.Tensor)},
-             "expected_macs_ratio_end": job.notes["search_end_macs_ratio"],
-             "expected_latency_ratio_end": job.notes.get("search_end_latency_ratio"), "selection": selection}))
+            {**{k: v.tolist() for k, v in opt.state_dict().items() if isinstance(v, torch.Tensor)}, **job.notes}))
     return structure
-
-
-def magnitude(job: Job) -> Structure:
-    return baselines.magnitude_structure(job.model, job.cfg.macs_ratio, job.cfg.layout)
-
-
-def uniform(job: Job) -> Structure:
-    return baselines.uniform_structure(job.model, job.cfg.macs_ratio, job.cfg.layout)
 
 
 def depth(job: Job) -> Structure:
@@ -99,12 +135,12 @@ def torch_pruning(job: Job, isomorphic: bool = False) -> Structure:
     return torch_pruning_structure(plain, cfg.macs_ratio, calib, isomorphic=isomorphic)
 
 
-def isomorphic(job: Job) -> Structure:
-    return torch_pruning(job, isomorphic=True)
-
-
 # method name -> strategy (the benchmark's table order: UVC, then the one-shot methods)
 STRATEGIES: dict[str, Callable[[Job], Structure]] = {
-    "uvc": uvc, "uniform": uniform, "magnitude": magnitude, "torch_pruning": torch_pruning,
-    "isomorphic": isomorphic, "depth": depth,
+    "uvc": uvc,
+    "uniform": lambda job: baselines.uniform_structure(job.model, job.cfg.macs_ratio, job.cfg.layout),
+    "magnitude": lambda job: baselines.magnitude_structure(job.model, job.cfg.macs_ratio, job.cfg.layout),
+    "torch_pruning": torch_pruning,
+    "isomorphic": lambda job: torch_pruning(job, isomorphic=True),
+    "depth": depth,
 }

@@ -5,8 +5,8 @@ head, used through a straight-through ceil; block-skip gate logits alpha (L, 2) 
 Gumbel-softmax; duals y (L, 2), p (L, H) for "the ceil(s) smallest groups are zero" and z for the budget
 R(s, r, g) <= B. One `step` after each weight update: proximal shrinkage of the selected groups, then (after
 warm-up) projected SGD on s, r, SGD on alpha every `gating_interval` steps, and dual ascent on y, p, z
-(docs/method.md §3.2). The reference code's choices and uvclab's are functions of `uvclab.uvc.variants`,
-picked once at construction.
+(docs/method.md §3.2). The reference code's choices and uvclab's are functions of `uvclab.uvc.ops`, picked
+once at construction.
 The resource R is the expected MACs ratio, or with a `LatencyTable` the predicted latency ratio (budget_kind
 'latency': the table's piecewise-linear interpolation, differentiable in the counts like the MACs formula).
 Under torchrun every rank holds the same state (`uvclab.ranks`: broadcast_, mean_).
@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from uvclab.prune.baselines import macs_budget_for_latency
 from uvclab.ranks import broadcast_, mean_
-from uvclab.uvc.ops import clipped, least_sum, projected_sgd, selected_mask, ste_ceil
+from uvclab.uvc.ops import chosen, clipped, least_sum, projected_sgd, selected_mask, ste_ceil
 from uvclab.uvc.settings import UVCSettings
-from uvclab.uvc.variants import chosen
 from uvclab.vit.latency import LatencyTable
 from uvclab.vit.macs import DEFAULT_LAYOUT, VitShape, check_budget, expected_macs, vit_shape
 
@@ -78,7 +77,6 @@ class UVCPrimalDual:
         self.model, self.cfg, self.layout = model, settings, layout
         self.shape: VitShape = vit_shape(model)
         self.fn = chosen(settings)                 # the reference's or uvclab's function for each choice
-        self.count_scale = self.fn.count_scale
         L, H = self.shape.depth, self.shape.num_heads
         dev = next(model.parameters()).device
         self.dense_macs = dense_macs or int(expected_macs(self.shape, *self._zeros(dev)).item())
@@ -94,9 +92,8 @@ class UVCPrimalDual:
     @classmethod
     def for_search(cls, model: torch.nn.Module, settings: UVCSettings, budget: float,
                    latency: Optional[LatencyTable] = None, layout: str = DEFAULT_LAYOUT, **kw) -> "UVCPrimalDual":
-        """The optimiser of a run's search at budget B. With a latency table and `search_resource: macs` it
-        searches on MACs, to the MACs ratio of the magnitude cut the table predicts at B (`final_structure`
-        then fits to the latency budget); otherwise R is the budget's own resource."""
+        """The optimiser of a run's search at budget B: with a latency table and `search_resource: macs` on MACs,
+        to the MACs ratio of the magnitude cut the table predicts at B (`final_structure` refits to latency)."""
         if latency is not None and settings.search_resource == "macs":
             return cls(model, settings, macs_budget_for_latency(model, latency, budget, layout), layout=layout, **kw)
         return cls(model, settings, budget, latency=latency, layout=layout, **kw)
@@ -105,11 +102,10 @@ class UVCPrimalDual:
         """Budget B of R <= B: expected MACs / dense (latency None) or the table's predicted ms / dense."""
         self.budget, self.latency = check_budget(budget), latency
         self.budget_kind = "macs" if latency is None else "latency"
-        self.dense_ms = None
         if latency is not None:
             latency.check_shape(self.shape)
-            dev = next(self.model.parameters()).device
-            self.dense_ms = float(latency.expected_latency(self.shape, *self._zeros(dev)))
+        zeros = self._zeros(next(self.model.parameters()).device)
+        self.dense_ms = None if latency is None else float(latency.expected_latency(self.shape, *zeros))
 
     # the state's tensors, by their paper names
     s = property(lambda self: self.state.s, lambda self, v: setattr(self.state, "s", v))
@@ -245,10 +241,10 @@ class UVCPrimalDual:
                 budget_term.backward()
             return
         s_grad, r_grad = self.fn.count_grads(self, budget_term, R, s, r, dims, heads, neurons)
-        st.s = projected_sgd(st.s, s_grad, self.s_max, cfg.count_lr, self.count_scale(self.s_max))
+        st.s = projected_sgd(st.s, s_grad, self.s_max, cfg.count_lr, self.fn.count_scale(self.s_max))
         if cfg.prune_dims:
             r_max = torch.full_like(st.r, self.r_max)
-            st.r = self.fn.tie_dims(projected_sgd(st.r, r_grad, r_max, cfg.count_lr, self.count_scale(r_max)))
+            st.r = self.fn.tie_dims(projected_sgd(st.r, r_grad, r_max, cfg.count_lr, self.fn.count_scale(r_max)))
 
     @torch.no_grad()
     def _dual_step(self, dims, heads, neurons, target: float, epoch: int) -> torch.Tensor:

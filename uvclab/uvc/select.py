@@ -1,22 +1,28 @@
-"""The optimiser's state as a Structure, and its fit into the budget (docs/method.md §3.5).
+"""End of UVC's stage 1: the optimiser's state becomes the run's Structure through one verb, `final_structure`
+(the reference code hand-picks a checkpoint; docs/method.md §3.5 gives the reasons for each step).
 
-`structure_from_counts` keeps all but the ceil(s), ceil(r) smallest groups and follows the argmax skip
-decisions (`current_structure`: the hard structure during the search); `fit_structure` fits the *exported*
-count (or, with a latency budget, the latency table's prediction for the exported layout) into [B - slack,
-B] (`uvclab.prune.fit.fit_to_budget`). The final structure of a search is `uvclab.uvc.final`'s.
+`structure_from_counts` keeps all but the ceil(s), ceil(r) smallest groups and follows the argmax skip decisions
+(`current_structure`); `fit_structure` fits the *exported* count (latency budget: the table's prediction) into
+[B - slack, B] (`uvclab.prune.fit.fit_to_budget`); then which blocks to skip ('gates': the search's decisions;
+'validation': k = 0, 1, 2, ... blocks skipped, each candidate exported, briefly fine-tuned and scored), and with
+a latency budget a measured feedback that refits lower while the export measures over B x (1 + tolerance).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import warnings
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from uvclab.errors import UvclabError
 from uvclab.prune.fit import fit_to_budget
+from uvclab.ranks import from_rank0, rank, same_on_all_ranks
 from uvclab.uvc.optimizer import UVCPrimalDual
+from uvclab.vit.export import export_model
+from uvclab.vit.latency import LatencyTable
 from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, VitShape, structure_macs
-from uvclab.vit.structure import BlockStructure, Structure
-
+from uvclab.vit.structure import BlockStructure, Structure, masked
 
 def _keep_largest(scores: torch.Tensor, n_keep: int) -> list[int]:
     return sorted(scores.topk(max(n_keep, 0)).indices.tolist())
@@ -63,14 +69,11 @@ def current_structure(uvc: UVCPrimalDual) -> Structure:
 
 
 def fit_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFAULT_LAYOUT,
-                  budget: float | None = None, skip: Sequence[int] = (), widen: bool = False,
-                  start: Structure | None = None) -> Structure:
-    """The counts' structure (or `start`) with the blocks `skip` skipped whatever the gates say, fitted so that
-    exported MACs (latency budget: the table's predicted ms) lie in [B - slack, B] x dense; `budget` replaces B
-    (the measured-latency feedback aims lower). widen: then kept blocks get their heads' full width back where
-    the budget allows, and the room left is refilled. The fit's refill adds heads and neurons, never dims:
-    with most blocks skipped, the few kept ones would otherwise keep the search's narrow heads
-    (Fashion-MNIST, latency 0.3: blocks 0, 2, 7 with 8-16 of 32 value dims, under the budget band)."""
+                  budget: float | None = None, skip: Sequence[int] = (), widen: bool = False) -> Structure:
+    """The counts' structure, blocks `skip` skipped, fitted so that exported MACs (latency budget: predicted ms)
+    lie in [B - slack, B] x dense (`budget` replaces B). widen: then kept blocks get their heads' full width back
+    where the budget allows, and the room left is refilled (the refill adds heads and neurons, never dims: with
+    most blocks skipped, the kept ones kept the search's narrow heads, 8-16 of 32 dims at latency 0.3)."""
     budget = uvc.budget if budget is None else budget
     dims, heads, neurons = uvc.scores()
     cost = {}
@@ -82,7 +85,7 @@ def fit_structure(uvc: UVCPrimalDual, slack: float = 0.02, layout: Layout = DEFA
         return fit_to_budget(uvc.shape, st, heads, neurons, dense, budget, slack, layout, dim_scores=dims,
                              keep_prob=uvc.keep_prob(), tie_qk=uvc.cfg.tie_qk, allow_prune=uvc.cfg.prune,
                              allow_skip=uvc.cfg.block_skip, **cost)
-    st = current_structure(uvc) if start is None else start
+    st = current_structure(uvc)
     for l in skip:
         st.blocks[l].keep = False
     st = fit(st)
@@ -104,3 +107,137 @@ def cost_ratio(uvc: UVCPrimalDual, st: Structure, layout: Layout = DEFAULT_LAYOU
     if uvc.latency is None:
         return structure_macs(uvc.shape, st, layout) / uvc.dense_macs
     return uvc.latency.structure_ms(st, layout) / uvc.latency.predicted_dense_ms(uvc.shape.depth)
+
+
+def final_structure(uvc: UVCPrimalDual, model: torch.nn.Module, budget: float,
+                    latency: Optional[LatencyTable] = None, slack: float = 0.02, layout: str = DEFAULT_LAYOUT,
+                    val_set=None, evaluate: Optional[Callable] = None,
+                    finetune: Optional[Callable[[torch.nn.Module, int], None]] = None,
+                    timer: Optional[Callable[[list], list]] = None, log=None) -> tuple[Structure, dict]:
+    """The final structure at budget B (of the table's predicted latency, or of MACs without `latency`) and
+    what led to it, for report.json. A search run on MACs for a latency budget is refitted on latency here.
+    val_set, evaluate(model, dataset) -> top-1, finetune(slim, steps): the skip candidates' validation
+    (`uvc.select_skips`); timer(models) -> ms each: the measured feedback (`uvc.latency_feedback`)."""
+    cfg = uvc.cfg
+    searched_on = uvc.budget if latency is not None and uvc.latency is None else None
+    uvc.set_budget(budget, latency)
+    mode = cfg.select_skips if cfg.select_skips != "auto" else "validation" if latency is not None else "gates"
+    st = info = None
+    if rank() == 0:  # rank 0 decides, every rank gets its result
+        info = {"select_skips": mode}
+        if searched_on is not None:
+            info["search_macs_budget"] = searched_on
+        info["search_structure_cost_ratio"] = cost_ratio(uvc, current_structure(uvc), layout)  # before the fit
+        skip: list[int] = []
+        if mode == "validation" and cfg.block_skip:
+            n = cfg.select_eval_samples
+            val = val_set if n is None else torch.utils.data.Subset(val_set, range(min(n, len(val_set))))
+            score = candidate_score(model, layout, val, evaluate, finetune, cfg.select_finetune_steps)
+            st, skip, info["skip_candidates"] = skips_by_validation(
+                uvc, model, score, lambda st: masked_top1(model, st, val, evaluate), slack, layout,
+                cfg.select_patience, log)
+        else:
+            st = fit_structure(uvc, slack, layout)
+        if latency is not None and cfg.latency_feedback > 0:
+            st, info["latency_feedback"] = measured_feedback(uvc, model, st, skip, budget, slack, layout, timer,
+                                                             cfg.latency_feedback, cfg.latency_tolerance, log)
+        info["skipped_blocks"] = [l for l, b in enumerate(st.blocks) if not b.keep]
+        st = st.to_dict()
+    st, info = from_rank0((st, info))
+    st = Structure.from_dict(st)
+    if not same_on_all_ranks((st.to_dict(), [t.tolist() for t in uvc.state.tensors()])):  # counts, duals, gates
+        raise RuntimeError("UVC state differs between ranks; please report this as a bug.")
+    return st, info
+
+
+def masked_top1(model: torch.nn.Module, st: Structure, dataset, evaluate) -> float:
+    """Top-1 of the gated model with the structure's hard masks (no export, no training)."""
+    with masked(model, st):
+        return evaluate(model, dataset)
+
+
+def candidate_score(model, layout: str, val_set, evaluate, finetune, steps: int):
+    """score(structure) -> validation top-1 of the structure exported from the searched weights after `steps`
+    steps of the run's distillation fine-tuning (0: masked, as searched). Unfine-tuned, block-skipped structures
+    look far better than they end (Fashion-MNIST, latency 0.5: 79 vs 58-60 % for width-pruned ones that end
+    0.2 points above them); after 24 steps the order is the final one's."""
+    def score(st: Structure) -> float:
+        if steps == 0:
+            return masked_top1(model, st, val_set, evaluate)
+        slim = export_model(model, st, layout)
+        finetune(slim, steps)
+        return evaluate(slim, val_set)
+    return score
+
+
+def skips_by_validation(uvc: UVCPrimalDual, model, score, top1, slack: float, layout: str,
+                        patience: Optional[int] = None, log=None) -> tuple[Structure, list[int], list[dict]]:
+    """(best structure, its forced skips, every candidate's record). Candidate k skips k blocks, chosen greedily:
+    the next is the block whose removal keeps the most `top1(structure)` of the searched weights at full width
+    (ranked with the search's pruned widths instead, Fashion-MNIST at latency 0.3 / 0.5 ended at 80.3 / 85.7 %
+    validation instead of 82.0 / 85.9); each candidate is fitted to the budget and scored by `score`. Stops
+    when a candidate falls below the budget band (its kept blocks are whole: more skips only lose), when no
+    structure fits, or after `patience` candidates in a row below the best so far."""
+    base = current_structure(uvc)
+    skip: list[int] = [l for l, b in enumerate(base.blocks) if not b.keep]  # the gates' own skips stay skipped
+    best, records, worse = None, [], 0
+    while True:
+        try:
+            with warnings.catch_warnings():  # a candidate below the band is expected (and ends the candidates)
+                warnings.filterwarnings("ignore", message="The selected structure uses")
+                st = fit_structure(uvc, slack, layout, skip=skip, widen=True)
+        except UvclabError:  # skipping this many blocks leaves no structure inside the budget
+            break
+        rec = {"skipped": list(skip), "cost_ratio": cost_ratio(uvc, st, layout), "val_top1": score(st)}
+        records.append(rec)
+        if log is not None:
+            log.write({"stage": "select_skips", **rec})
+        if best is None or rec["val_top1"] > best[0]:
+            best, worse = (rec["val_top1"], st, list(skip)), 0
+        else:
+            worse += 1
+        kept = [l for l, b in enumerate(base.blocks) if l not in skip]
+        if (patience is not None and worse >= patience) or len(kept) <= 1 \
+                or rec["cost_ratio"] < uvc.budget - slack:
+            break
+        trial = Structure.dense(model)
+        for l in skip:
+            trial.blocks[l].keep = False
+
+        def without(l: int) -> float:
+            trial.blocks[l].keep = False
+            try:
+                return top1(trial)
+            finally:
+                trial.blocks[l].keep = True
+        skip = sorted(skip + [max(kept, key=without)])
+    if best is None:
+        raise UvclabError("No structure fits the budget; use a larger budget.")
+    return best[1], best[2], records
+
+
+def measured_feedback(uvc: UVCPrimalDual, model, st: Structure, skip: list[int], budget: float, slack: float,
+                      layout: str, timer, rounds: int = 3, tolerance: float = 0.02,
+                      log=None) -> tuple[Structure, list[dict]]:
+    """Refit `st` until its export's measured latency ratio is <= budget x (1 + tolerance), at most `rounds`
+    refits (on this process alone); timer([dense, slim]) -> their ms. Returns (structure, one record per timing)."""
+    table = uvc.latency
+    dense_pred = table.predicted_dense_ms(uvc.shape.depth)
+    dense = export_model(model, Structure.dense(model), layout)
+    records = []
+    for i in range(rounds + 1):
+        d, s = timer([dense, export_model(model, st, layout)])
+        ratio = s / d
+        pred = table.structure_ms(st, layout) / dense_pred
+        records.append({"round": i, "predicted": pred, "measured": ratio})
+        if log is not None:
+            log.write({"stage": "latency_feedback", **records[-1]})
+        if ratio <= budget * (1 + tolerance) or i == rounds:
+            break
+        target = pred * budget / ratio
+        try:
+            st = fit_structure(uvc, slack, layout, budget=target, skip=skip, widen=True)
+        except UvclabError:
+            break
+        records[-1]["next_target"] = target
+    return st, records

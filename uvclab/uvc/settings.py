@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from uvclab.errors import UvclabError, at_least_one
+from uvclab.errors import UvclabError, at_least_one, one_of
 
 # UVC settings for searches of a few hundred steps (notebooks, benchmark, CPU runs). The reference gate settings
 # suit tens of thousands of steps: gates would step a handful of times (gating_interval 50, weight 5e-4).
@@ -68,7 +68,7 @@ class UVCSettings:
                                         # each step, one width per layer in the final structure): the export pads
                                         # v to the widest kept head, so dims removed from narrower heads save no
                                         # MACs (with tied dims R equals the exported count)
-    # ---- the final structure (`uvclab.uvc.final`) and a latency budget (budget_kind latency)
+    # ---- the final structure (`uvclab.uvc.select`) and a latency budget (budget_kind latency)
     search_resource: str = "macs"       # latency budget: the search's R: macs (to the MACs ratio of the magnitude
                                         # cut predicted at the budget) | latency (the table); the final fit is on
                                         # the latency either way
@@ -76,22 +76,18 @@ class UVCSettings:
                                         # 0, 1, 2.. skipped) | auto (validation for a latency budget, else gates)
     select_eval_samples: Optional[int] = 1000  # validation images per skip candidate (null: all)
     select_finetune_steps: int = 24     # distillation steps each skip candidate gets before it is scored (0: none)
-    select_patience: Optional[int] = None  # stop after this many candidates in a row below the best (null: at the
-                                        # first one below the budget band)
+    select_patience: Optional[int] = None  # stop after N candidates in a row below the best (null: below the band)
     latency_batch_size: int = 64        # the batch the latency table is measured (and the export timed) at
     latency_threads: Optional[int] = None  # torch threads when timing (None: run.threads, else torch's)
     latency_feedback: int = 3           # refits when the export measures over the latency budget (0: off)
     latency_tolerance: float = 0.02     # measured latency ratio accepted up to B x (1 + this)
 
     def __post_init__(self):
-        choices = {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
-                   "zlr_schedule": ("constant", "increasing"), "gate_grad_weighting": ("uniform", "linear"),
-                   "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group"),
-                   "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi"),
-                   "search_resource": ("macs", "latency"), "select_skips": ("auto", "gates", "validation")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UvclabError(f"uvc.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        one_of(self, {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
+                      "zlr_schedule": ("constant", "increasing"), "gate_grad_weighting": ("uniform", "linear"),
+                      "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group"),
+                      "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi"),
+                      "search_resource": ("macs", "latency"), "select_skips": ("auto", "gates", "validation")}, "uvc.")
         if self.dims_multiple < 1:
             raise UvclabError(f"uvc.dims_multiple={self.dims_multiple} must be >= 1.")
         if self.gating_interval < 1 or self.gumbel_tau <= 0 or not 0 <= self.warmup_gate <= 1:

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from uvclab.errors import UvclabError
+from uvclab.vit.gated import gate_vit, open_all_gates
 
 
 @dataclass
@@ -152,7 +153,6 @@ class Structure:
 
 def apply_structure(model: torch.nn.Module, structure: Structure) -> torch.nn.Module:
     """Set a gated model's gates to the structure's hard 0/1 masks (the 'masked gated model')."""
-    from uvclab.vit.gated import gate_vit
     structure.validate(model)
     gate_vit(model)
     p = next(model.parameters())
@@ -166,7 +166,6 @@ def apply_structure(model: torch.nn.Module, structure: Structure) -> torch.nn.Mo
 @contextmanager
 def masked(model: torch.nn.Module, structure: Structure):
     """Temporarily apply a structure's hard masks to a gated model (all gates open afterwards)."""
-    from uvclab.vit.gated import open_all_gates
     apply_structure(model, structure)
     try:
         yield model

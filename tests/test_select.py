@@ -1,5 +1,5 @@
-"""UVC's final structure (uvclab/uvc/final.py): skip candidates chosen on validation, the measured-latency
-feedback, and the one verb `final_structure` that decides."""
+"""UVC's final structure (uvclab/uvc/select.py): the fit, skip candidates chosen on validation, the
+measured-latency feedback, and the one verb `final_structure` that decides."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ from uvclab.engine.config import load_config
 from uvclab.engine.loop import evaluate
 from uvclab.errors import UvclabError
 from uvclab.prune.baselines import macs_budget_for_latency
-from uvclab.uvc import UVCPrimalDual, UVCSettings, final, final_structure, fit_structure
+from uvclab.uvc import UVCPrimalDual, UVCSettings, final_structure, fit_structure, select
 from uvclab.uvc.select import cost_ratio
 from uvclab.vit.gated import gate_vit, open_all_gates
 from uvclab.vit.macs import vit_shape
@@ -34,15 +34,15 @@ def test_skip_candidates_keep_the_one_best_on_validation():
     truth.blocks[1].keep = False  # the 'right' model lacks block 1: skipping it is what validation rewards
     val = torch.utils.data.TensorDataset(x, _labels_of(model, truth, x))
     uvc = UVCPrimalDual(model, UVCSettings(), budget=0.9)
-    score = final.candidate_score(model, "compact", val, evaluate, None, steps=0)
-    top1 = lambda st: final.masked_top1(model, st, val, evaluate)  # noqa: E731
-    st, skip, records = final.skips_by_validation(uvc, model, score, top1, slack=0.85, layout="compact", patience=2)
+    score = select.candidate_score(model, "compact", val, evaluate, None, steps=0)
+    top1 = lambda st: select.masked_top1(model, st, val, evaluate)  # noqa: E731
+    st, skip, records = select.skips_by_validation(uvc, model, score, top1, slack=0.85, layout="compact", patience=2)
     assert records[0]["skipped"] == [] and records[1]["skipped"] == [1]
     assert records[1]["val_top1"] == 100.0 > records[0]["val_top1"]
     assert skip == [1] and [b.keep for b in st.blocks] == [True, False, True, True]
     assert len(records) == 4  # two candidates in a row below the best, then stop
     # with the band [0.6, 0.9] the third candidate (two blocks skipped, 0.5 of dense) is under it: the last one
-    _, _, records = final.skips_by_validation(uvc, model, score, top1, slack=0.3, layout="compact")
+    _, _, records = select.skips_by_validation(uvc, model, score, top1, slack=0.3, layout="compact")
     assert len(records) == 3 and records[-1]["cost_ratio"] < 0.6 <= records[-2]["cost_ratio"]
     assert uvclab.count(model, st)["macs"] <= 0.9 * uvclab.count(model)["macs"]
 
@@ -64,7 +64,7 @@ def _device(table, slowdown):
 def test_feedback_refits_until_the_measured_latency_fits():
     model, table, uvc = _latency_uvc(0.6)
     st0 = fit_structure(uvc, 0.05)
-    st, rounds = final.measured_feedback(uvc, model, st0, [], 0.6, 0.05, "compact", _device(table, 1.25), rounds=3,
+    st, rounds = select.measured_feedback(uvc, model, st0, [], 0.6, 0.05, "compact", _device(table, 1.25), rounds=3,
                                          tolerance=0.02)
     assert rounds[0]["measured"] > 0.6 * 1.02 and "next_target" in rounds[0]
     assert rounds[-1]["measured"] <= 0.6 * 1.02 and 1 < len(rounds) <= 4
@@ -75,10 +75,10 @@ def test_feedback_refits_until_the_measured_latency_fits():
 def test_feedback_keeps_a_structure_that_fits_and_stops_after_its_rounds():
     model, table, uvc = _latency_uvc(0.6)
     st0 = fit_structure(uvc, 0.05)
-    st, rounds = final.measured_feedback(uvc, model, st0, [], 0.6, 0.05, "compact", _device(table, 1.0))
+    st, rounds = select.measured_feedback(uvc, model, st0, [], 0.6, 0.05, "compact", _device(table, 1.0))
     assert len(rounds) == 1 and st is st0
     # can never fit: gives up after 1 refit
-    _, rounds = final.measured_feedback(uvc, model, st0, [], 0.6, 0.05, "compact", _device(table, 3.0), rounds=1)
+    _, rounds = select.measured_feedback(uvc, model, st0, [], 0.6, 0.05, "compact", _device(table, 3.0), rounds=1)
     assert len(rounds) == 2
 
 
