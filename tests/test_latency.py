@@ -219,8 +219,8 @@ def test_latency_budget_end_to_end(tmp_path, monkeypatch):
     sel = rep["selection"]  # skip candidates scored on validation, then timed until the export fits
     assert sel["select_skips"] == "validation" and sel["skip_candidates"][0]["skipped"] == []
     rounds = sel["latency_feedback"]
-    assert 1 <= len(rounds) <= 1 + cfg.latency_feedback
-    assert rounds[-1]["measured"] <= 0.6 * 1.02 or len(rounds) == 1 + cfg.latency_feedback
+    assert 1 <= len(rounds) <= 1 + cfg.uvc.latency_feedback
+    assert rounds[-1]["measured"] <= 0.6 * 1.02 or len(rounds) == 1 + cfg.uvc.latency_feedback
     assert abs(rounds[-1]["predicted"] - rep["latency_ratio_predicted"]) < 1e-9
     assert rep["search_end_latency_ratio"] > 0 and 0 < rep["search_end_macs_ratio"] <= 1  # a noisy table can put R > 1
     for k in ("latency_ratio_measured", "latency_ms", "dense_latency_ms", "latency_ms_predicted"):

@@ -34,7 +34,7 @@ from uvclab.ranks import rank, world
 from uvclab.version import __version__
 from uvclab.vit.export import export_model, save_pruned
 from uvclab.vit.latency import LatencyTable
-from uvclab.vit.latency_build import latency_table, measure_ms
+from uvclab.vit import latency_build
 from uvclab.vit.gated import gate_vit
 from uvclab.vit.macs import count
 from uvclab.vit.models import create_vit, load_state_dict_file
@@ -143,8 +143,8 @@ def latency_report(table: LatencyTable, model, structure: Structure, slim, layou
     """Predicted (the table) and measured (dense vs export, alternating rounds) latency at the table's batch."""
     dense_pred, pred = table.predicted_dense_ms(structure.depth), table.structure_ms(structure, layout)
     batch, threads = table.key["batch_size"], table.key["threads"]
-    dense_ms, ms = measure_ms([export_model(model, Structure.dense(model), layout), copy.deepcopy(slim)], batch,
-                              device=device, threads=threads)
+    dense_ms, ms = latency_build.measure_ms([export_model(model, Structure.dense(model), layout),
+                                             copy.deepcopy(slim)], batch, device=device, threads=threads)
     return {"latency_ratio_predicted": pred / dense_pred, "latency_ratio_measured": ms / dense_ms,
             "latency_ms_predicted": pred, "dense_latency_ms_predicted": dense_pred, "latency_ms": ms,
             "dense_latency_ms": dense_ms, "latency_batch_size": batch, "latency_threads": threads,
@@ -186,10 +186,9 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
     log = MetricsLog(out / METRICS, fresh=ckpt is None)
     teacher_top1 = evaluate(teacher, splits.test)
     dense = count(model)
-    table = None  # a latency budget's table: cached, or measured (and cached) now
-    if cfg.budget_kind == "latency":
-        table = latency_table(model, cfg.uvc.latency_batch_size, cfg.uvc.latency_threads or cfg.run.threads,
-                              cfg.run.device, progress=cfg.run.progress)
+    table = None if cfg.budget_kind != "latency" else latency_build.latency_table(  # cached, or measured now
+        model, cfg.uvc.latency_batch_size, cfg.uvc.latency_threads or cfg.run.threads, cfg.run.device,
+        progress=cfg.run.progress)
     if ckpt is not None and ckpt["stage"] == "finetune":
         structure, notes = Structure.load(out / STRUCTURE), ckpt.get("notes", {})
     else:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_pipeline import QUICK, quick_cfg
+from test_compress import QUICK, quick_cfg
 from uvclab.engine.runfiles import open_run_folder, save_checkpoint
 from uvclab.errors import UvclabError
 
