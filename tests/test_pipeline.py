@@ -9,7 +9,7 @@ import torch
 
 import uvclab
 from uvclab.engine import compress as train
-from uvclab.engine import search as search_stage
+from uvclab.engine import checkpointing, search as search_stage
 from uvclab.engine.loop import evaluate
 from uvclab.engine.runfiles import load_checkpoint
 from uvclab.ui.cli import main
@@ -77,11 +77,11 @@ def test_resume_gives_the_same_result(tmp_path, monkeypatch):
         if calls["n"] == 2:  # killed right after the 2nd checkpoint (mid-search)
             raise KeyboardInterrupt
 
-    for stage in (train, search_stage):
+    for stage in (train, checkpointing):
         monkeypatch.setattr(stage, "save_checkpoint", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         train.compress(cfg, tmp_path / "run")
-    for stage in (train, search_stage):
+    for stage in (train, checkpointing):
         monkeypatch.setattr(stage, "save_checkpoint", real)
     with pytest.raises(UvclabError, match="--resume"):
         train.compress(cfg, tmp_path / "run")

@@ -3,8 +3,10 @@
 config -> data + teacher -> gated student -> structure strategy (UVC search or a one-shot baseline) ->
 Structure -> export -> validation before fine-tuning -> fine-tune with distillation (best epoch on
 validation) -> report. The run folder holds config.yaml, metrics.jsonl, structure.json, uvc_state.json
-(UVC), model/ (safetensors + uvclab.json), report.json and checkpoint.pt (atomic, every epoch; `resume=True`
-continues and ends with the same result). A non-finite loss stops the run with the last good checkpoint
+(UVC), model/ (safetensors + uvclab.json), report.json and checkpoint.pt (atomic, every epoch and inside
+epochs: `engine.checkpointing`; `resume=True` continues from any step and ends with the same result).
+SIGTERM / SIGUSR1 stop a run after the current step with a checkpoint (`Preempted`, `engine.preempt`); a
+non-finite loss, a full disk or running out of memory stop it with one clear line, the last good checkpoint
 kept. Works data-parallel under torchrun (gloo on CPU, nccl on GPU); a torchrun restart (`--max-restarts`)
 continues from the last checkpoint by itself (`runfiles.open_run_folder`).
 """
@@ -20,10 +22,12 @@ from typing import Optional
 import torch
 
 from uvclab import __version__
+from uvclab.engine.checkpointing import StageCheckpoints
 from uvclab.engine.config import CompressConfig
 from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs_for_data
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, rank, seeded_loader, set_seed,
                                 steps_per_epoch, train_one_epoch, world)
+from uvclab.engine.preempt import StopSignals, oom_guard
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, open_run_folder, save_checkpoint
 from uvclab.engine.search import kd_loss_fn, latency_table_for, search
 from uvclab.engine.selection import choose_structure
@@ -107,6 +111,10 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
     ddp_model = torch.nn.parallel.DistributedDataParallel(slim) if world() > 1 else slim
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
     opt, sched = adamw_with_schedule(slim, cfg.finetune_lr, cfg.weight_decay, epochs * steps, min(500, steps))
+    ckpts = StageCheckpoints(cfg, out, log, "fine-tune", epochs, steps, lambda: {
+        "stage": "finetune", "model": slim.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        "best_val": best_val, "best_model": best_state, "start_val": start_val})
+    start_step = 0
     if ckpt is None:
         start_val = evaluate(slim, splits.val)
         best_val, best_state, start = start_val, copy.deepcopy(slim.state_dict()), 0
@@ -115,23 +123,22 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
         slim.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
-        torch.set_rng_state(ckpt["rng"])
-        best_val, best_state, start, start_val = ckpt["best_val"], ckpt["best_model"], ckpt["epoch"], ckpt["start_val"]
+        best_val, best_state, start_val = ckpt["best_val"], ckpt["best_model"], ckpt["start_val"]
+        start, start_step = ckpts.resume(ckpt)
     loss_fn = kd_loss_fn(cfg, ddp_model, teacher)
     for epoch in range(start, epochs):
-        loss = train_one_epoch(slim, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
-                                                   num_workers=cfg.num_workers),
-                               opt, sched, loss_fn, steps=steps, progress=cfg.progress,
-                               desc=f"fine-tune {epoch + 1}/{epochs}",
-                               on_nonfinite=nonfinite_stop("fine-tune", epoch, out / "checkpoint.pt"))
+        skip = start_step if epoch == start else 0  # a mid-epoch checkpoint: the steps already done
+        train_one_epoch(slim, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
+                                            num_workers=cfg.num_workers, skip_batches=skip),
+                        opt, sched, loss_fn, steps=steps, progress=cfg.progress, after_step=ckpts.hook(epoch),
+                        desc=f"fine-tune {epoch + 1}/{epochs}", start=skip,
+                        on_nonfinite=nonfinite_stop("fine-tune", epoch, out / "checkpoint.pt"))
+        loss = ckpts.end_epoch()  # the whole epoch's mean loss, also when it was resumed mid-way
         val = evaluate(slim, splits.val)
         if val > best_val:
             best_val, best_state = val, copy.deepcopy(slim.state_dict())
         log.write({"stage": "finetune_epoch", "epoch": epoch, "loss": loss, "val_top1": val, "best_val_top1": best_val})
-        save_checkpoint(out / "checkpoint.pt", {"stage": "finetune", "epoch": epoch + 1, "model": slim.state_dict(),
-                                                "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                                "rng": torch.get_rng_state(), "best_val": best_val,
-                                                "best_model": best_state, "start_val": start_val})
+        ckpts.save(epoch + 1)
     slim.load_state_dict(best_state)
     return slim.eval(), best_val, start_val
 
@@ -164,8 +171,14 @@ def _check_t2t_stem(cfg: CompressConfig, state: dict, out: Path) -> None:
 
 def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -> dict:
     """Run one method end to end; returns the report (also written to out/report.json).
-    resume: False, True or 'auto' (see `runfiles.resume_mode`); a torchrun restart continues by itself."""
-    out = Path(out)
+    resume: False, True or 'auto' (see `runfiles.resume_mode`); a torchrun restart continues by itself.
+    SIGTERM / SIGUSR1 end the run after the current step with a checkpoint and raise `Preempted` (the same
+    call with resume='auto' continues it); out of memory and a full disk raise a `UvclabError` naming the fix."""
+    with StopSignals(), oom_guard(Path(out) / "checkpoint.pt"):
+        return _compress(cfg, Path(out), resume)
+
+
+def _compress(cfg: CompressConfig, out: Path, resume: bool | str) -> dict:
     init_distributed(cfg.device)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UvclabError("device='cuda' but no GPU is visible; use --set device=cpu.")
@@ -182,7 +195,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
     device = torch.device(cfg.device)
     model.to(device)
     teacher.to(device)
-    log = MetricsLog(out / "metrics.jsonl", fresh=ckpt is None)
+    log = MetricsLog(out / "metrics.jsonl", fresh=ckpt is None, resume_at=(ckpt or {}).get("metrics_bytes"))
     teacher_top1 = evaluate(teacher, splits.test)
     dense = count(model)
 

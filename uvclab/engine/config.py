@@ -86,6 +86,9 @@ class CompressConfig:
     threads: Optional[int] = None        # torch CPU threads (None: torch's default)
     num_workers: int = 0
     progress: bool = True                # tqdm bars
+    checkpoint_every_minutes: Optional[float] = 10.0  # also write checkpoint.pt inside epochs after this much
+                                         # time since the last write (null or 0: only at epoch ends)
+    checkpoint_every_steps: Optional[int] = None  # ... and after every N steps of a stage (null or 0: off)
     uvc: UVCSettings = field(default_factory=UVCSettings)
 
     def __post_init__(self):
@@ -115,6 +118,8 @@ class CompressConfig:
                      "latency_batch_size", "select_eval_samples", "select_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UvclabError(f"{name} must be >= 1 (or null for no limit).")
+        if (self.checkpoint_every_minutes or 0) < 0 or (self.checkpoint_every_steps or 0) < 0:
+            raise UvclabError("checkpoint_every_minutes and checkpoint_every_steps must be >= 0 (0 or null: off).")
         if self.search_resource not in BUDGET_KINDS:
             raise UvclabError(f"search_resource='{self.search_resource}' is not one of {BUDGET_KINDS}.")
         if self.select_skips not in SKIP_SELECTIONS:

@@ -2,7 +2,8 @@
 
 Each step: a Gumbel gate sample, the KD loss, the weight step, then `UVCPrimalDual.step` as the loop's
 post-step hook (docs/method.md §3.2). After every epoch the hard structure the counts describe is scored
-on validation (`val_top1_hard`) and the whole state is checkpointed, so `--resume` continues bit-identically.
+on validation (`val_top1_hard`) and the whole state is checkpointed, also inside epochs (on a timer, every N
+steps, on SIGTERM: `engine.checkpointing`), so `--resume` continues bit-identically from any step.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from typing import Optional
 
 import torch
 
+from uvclab.engine.checkpointing import StageCheckpoints
 from uvclab.engine.config import CompressConfig
 from uvclab.engine.distill import distillation_loss
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, seeded_loader, steps_per_epoch, train_one_epoch,
                                 world)
-from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, save_checkpoint
+from uvclab.engine.runfiles import MetricsLog, nonfinite_stop
 from uvclab.uvc import UVCPrimalDual, current_structure
 from uvclab.vit.gated import open_all_gates
 from uvclab.vit.latency import LatencyTable
@@ -87,14 +89,17 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
         uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs,
                             total_steps=cfg.search_epochs * steps, latency=table, layout=cfg.layout)
     opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
-    start = 0
+    ckpts = StageCheckpoints(cfg, out, log, "search", epochs, steps, lambda: {
+        "stage": "search", "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        "uvc": uvc.state_dict(), "uvc_last": uvc.last})
+    start, start_step = 0, 0
     if ckpt is not None and ckpt["stage"] == "search":
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         uvc.load_state_dict(ckpt["uvc"])
-        torch.set_rng_state(ckpt["rng"])
-        start = ckpt["epoch"]
+        uvc.last = ckpt.get("uvc_last", {})
+        start, start_step = ckpts.resume(ckpt)
     kd = kd_loss_fn(cfg, ddp_model, teacher)
     for epoch in range(start, epochs):
         warm = epoch < cfg.warmup_epochs
@@ -108,18 +113,19 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
             log.write({"stage": "search", "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **rec})
             return {"R": f"{rec['R']:.3f}", "z": f"{rec['z']:.2g}"}
 
+        skip = start_step if epoch == start else 0  # a mid-epoch checkpoint: the steps already done
         train_one_epoch(model, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
-                                             num_workers=cfg.num_workers),
-                        opt, sched, loss_fn, steps=steps, progress=cfg.progress, after_step=after_step,
+                                             num_workers=cfg.num_workers, skip_batches=skip),
+                        opt, sched, loss_fn, steps=steps, progress=cfg.progress,
+                        after_step=ckpts.hook(epoch, after_step),
                         desc=f"search {epoch + 1}/{epochs}" + (" (warm-up)" if warm else ""),
-                        on_nonfinite=nonfinite_stop("search", epoch, out / "checkpoint.pt"))
+                        on_nonfinite=nonfinite_stop("search", epoch, out / "checkpoint.pt"), start=skip)
+        ckpts.end_epoch()
         uvc.set_model_gates(None)
         st = current_structure(uvc)
         val = masked_top1(model, st, splits.val)
         log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
                    "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
                    "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})
-        save_checkpoint(out / "checkpoint.pt", {"stage": "search", "epoch": epoch + 1, "model": model.state_dict(),
-                                                "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                                "uvc": uvc.state_dict(), "rng": torch.get_rng_state()})
+        ckpts.save(epoch + 1)
     return uvc

@@ -7,7 +7,9 @@
   uvclab latency-table MODEL [--batch-size B] [--threads T] [--device D] [--rebuild] [--json]
   uvclab teacher [CONFIG.yaml] --model NAME --dataset NAME [--set key=value ...] --out STEM
 Every `--set` / `--model-arg` goes through the one parser (`uvclab.engine.config.parse_overrides`).
-User mistakes (UvclabError) print one clear message, no traceback, exit code 2.
+User mistakes (UvclabError) print one clear message, no traceback, exit code 2. A `compress` stopped by
+SIGTERM / SIGUSR1 (after the current step, with a checkpoint) prints one line and exits with 75
+(EX_TEMPFAIL, `Preempted.exit_status`): run the same command with --resume to continue.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from uvclab.engine.config import parse_overrides
-from uvclab.errors import UvclabError
+from uvclab.errors import Preempted, UvclabError
 
 
 def _model_kwargs(args) -> dict:
@@ -273,6 +275,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         args = build_parser().parse_args(argv)
         args.func(args)
+    except Preempted as e:
+        from uvclab.engine.loop import rank
+        if rank() == 0:
+            print(f"uvclab: {e}", file=sys.stderr, flush=True)
+        return Preempted.exit_status
     except UvclabError as e:
         print(f"uvclab: error: {e}", file=sys.stderr)
         return 2
