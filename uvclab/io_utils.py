@@ -1,9 +1,9 @@
 """Atomic file writes: a crash mid-write never leaves a half-written checkpoint, structure or report.
 
-Every writer of a run folder goes through `atomic_write`, which also turns a failed write into one clear
-line: out of space (ENOSPC, a quota, or torch.save's '[enforce fail at inline_container.cc] unexpected pos',
-which loses the errno) is a `DiskFull` naming the file, the bytes it needed and the fix; a read-only folder
-is a `UvclabError`. Only the temporary file is lost: the file's previous version stays as it was.
+Every writer of a run folder goes through `atomic_write`, which also turns running out of space (ENOSPC, a
+quota, or torch.save's '[enforce fail at inline_container.cc] unexpected pos', which loses the errno) into
+one `DiskFull` line naming the file, the bytes it needed and the fix. Only the temporary file is lost: the
+file's previous version stays as it was. `check_writable` names a read-only run folder before any work.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from uvclab.errors import DiskFull, UvclabError
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull")  # safetensors' Rust io::Error
 TORCH_WRITER_TEXTS = ("inline_container", "PytorchStreamWriter")  # torch.save's C++ writer: no errno
-READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 FIX = "Free space or move the run folder, then --resume."
 
 
@@ -39,10 +38,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None], size: Optional[
         os.replace(tmp, path)
     except Exception as e:
         written = os.path.getsize(tmp) if tmp and os.path.exists(tmp) else 0
-        error = write_error(e, path, size or written)  # judged while the temporary file still holds its bytes
+        full = is_disk_full(e, path, size or written)  # judged while the temporary file holds its bytes
         _remove(tmp)
-        if error is not None:
-            raise error from e
+        if full:
+            raise disk_full(path, size or written) from e
         raise
     except BaseException:  # KeyboardInterrupt, SystemExit: no half-written file left behind
         _remove(tmp)
@@ -59,22 +58,26 @@ def _remove(tmp: Optional[str]) -> None:
         os.unlink(tmp)
 
 
-def write_error(e: BaseException, path: Path, size: int) -> Optional[UvclabError]:
-    """The clear error for a failed write of `size` bytes to `path` (None: not a full or read-only disk)."""
-    path = Path(path)
-    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(folder).free
+def is_disk_full(e: BaseException, path: Path, size: int) -> bool:
+    """Whether writing `size` bytes to `path` failed with `e` for lack of space (or quota)."""
     text = str(e)
-    full = (isinstance(e, OSError) and e.errno in FULL_ERRNOS) or any(t in text for t in FULL_TEXTS) or (
-        isinstance(e, RuntimeError) and any(t in text for t in TORCH_WRITER_TEXTS) and free < max(size, 1 << 20))
-    if full:
-        return DiskFull(f"No space left on the file system of '{path}': writing it needs about {_size(size)} and "
-                        f"{_size(free)} are free there; nothing was replaced (the previous '{path.name}', if "
-                        f"any, is intact). {FIX}")
-    if isinstance(e, OSError) and e.errno in READ_ONLY_ERRNOS:
-        return UvclabError(f"Cannot write '{path}' ({e.strerror}); the previous version, if any, is intact. Make "
-                           "the folder writable (or copy the run folder to a writable place), then --resume.")
-    return None
+    if (isinstance(e, OSError) and e.errno in FULL_ERRNOS) or any(t in text for t in FULL_TEXTS):
+        return True
+    return isinstance(e, RuntimeError) and any(t in text for t in TORCH_WRITER_TEXTS) and \
+        _free(path) < max(size, 1 << 20)
+
+
+def disk_full(path: Path, size: int) -> DiskFull:
+    """The one-line error for `path` (of `size` bytes) that did not fit on its file system."""
+    path = Path(path)
+    return DiskFull(f"No space left on the file system of '{path}': writing it needs about {_size(size)} and "
+                    f"{_size(_free(path))} are free there; nothing was replaced (the previous '{path.name}', if "
+                    f"any, is intact). {FIX}")
+
+
+def _free(path: Path) -> int:
+    folder = next((p for p in (Path(path).parent, *Path(path).parents) if p.exists()), Path("."))
+    return shutil.disk_usage(folder).free
 
 
 def check_writable(folder: str | Path) -> None:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from uvclab.engine.config import ABLATIONS, CompressConfig, load_config
-from uvclab.errors import UvclabError
+from uvclab.errors import Preempted, UvclabError
 from uvclab.io_utils import atomic_write_text
 
 VARIANTS = {  # benchmark label -> config overrides; every label runs through the same `compress`
@@ -105,6 +105,8 @@ def _job(args) -> dict:
     cfg = CompressConfig.from_dict(cfg_dict)
     try:
         return run_method(method, cfg, out)
+    except Preempted:  # a stop signal ends the whole benchmark (its runs continue from their checkpoints)
+        raise
     except Exception as e:  # one failed run must not lose the others: recorded, reported, re-run next time
         atomic_write_text(Path(out) / "error.txt", f"{type(e).__name__}: {e}\n")
         return {"method": method, "budget": cfg.macs_ratio, "seed": cfg.seed, "error": str(e)}

@@ -11,6 +11,7 @@ logged twice. With `seeded_loader(skip_batches=step)` a resumed run continues bi
 """
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -70,13 +71,13 @@ class StageCheckpoints:
         done = step + 1
         due = (self.every_steps and (epoch * self.steps + done) % self.every_steps == 0) or (
             self.every_s and time.monotonic() - self.last_write >= self.every_s)
-        stop, due = agree(stop_requested() is not None, due)  # every rank: the same decision, each step
+        stop, due = agree(stop_requested(), due)  # every rank: the same decision, each step
         if stop or (due and done < self.steps):  # the last step of an epoch: the epoch-end checkpoint follows
             self.save(epoch, done)
         if stop:
             if world() > 1:
                 dist.barrier()  # rank 0 has written the checkpoint before any rank exits
-            raise Preempted(f"Stopped by {stop_requested() or 'a stop signal on another rank'} after {self.stage} "
+            raise Preempted(f"Stopped by {signal.Signals(stop).name} after {self.stage} "
                             f"epoch {epoch + 1}/{self.epochs} step {done}/{self.steps}; checkpoint '{self.path}' "
                             f"written. Continue with the same command and --resume (Python: resume='auto').")
 

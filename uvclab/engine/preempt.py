@@ -31,7 +31,7 @@ def _record(signum, frame) -> None:
 
 
 class StopSignals:
-    """Context manager: while inside, SIGTERM / SIGUSR1 only set a flag (`stop_requested`); the previous
+    """Context manager: while inside, SIGTERM / SIGUSR1 are only recorded (`stop_requested`); the previous
     handlers come back on exit. Outside the main thread (where Python cannot set handlers) it does nothing."""
 
     def __enter__(self) -> "StopSignals":
@@ -50,19 +50,20 @@ class StopSignals:
         _received.clear()
 
 
-def stop_requested() -> Optional[str]:
-    """The name of the first stop signal received in this run (None: none)."""
-    return signal.Signals(_received[0]).name if _received else None
+def stop_requested() -> int:
+    """The number of the first stop signal received in this run (0: none)."""
+    return _received[0] if _received else 0
 
 
-def agree(*flags: bool) -> tuple[bool, ...]:
-    """Each flag true on every rank if it is true on any (one all-reduce of len(flags) integers)."""
+def agree(*values: int) -> tuple[int, ...]:
+    """Each value's maximum over the ranks (one all-reduce of len(values) integers): a flag set on any rank is
+    set on all, and a signal received by any rank names the stop on all."""
     if world() == 1:
-        return tuple(bool(f) for f in flags)
+        return tuple(int(v) for v in values)
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([int(bool(f)) for f in flags], device=dev)
+    t = torch.tensor([int(v) for v in values], device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in t.tolist())
+    return tuple(t.tolist())
 
 
 OOM_TEXTS = ("DefaultCPUAllocator", "out of memory", "not enough memory", "can't allocate memory")

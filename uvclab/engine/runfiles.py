@@ -20,7 +20,7 @@ import torch
 from uvclab.engine.config import CompressConfig, read_yaml
 from uvclab.engine.loop import from_rank0, job_store, rank, restart_count, same_on_all_ranks
 from uvclab.errors import UvclabError
-from uvclab.io_utils import atomic_write, check_writable, payload_bytes, write_error
+from uvclab.io_utils import atomic_write, check_writable, disk_full, is_disk_full, payload_bytes
 
 
 class MetricsLog:
@@ -45,7 +45,9 @@ class MetricsLog:
                 with open(self.path, "a") as f:
                     f.write(line)
             except OSError as e:  # a full disk: one clear line (a partial record is cut off on resume)
-                raise (write_error(e, self.path, len(line)) or e) from e
+                if is_disk_full(e, self.path, len(line)):
+                    raise disk_full(self.path, len(line)) from e
+                raise
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
