@@ -149,3 +149,48 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step_and_resume_equ
     log = wait(torchrun(out, "--resume"))
     assert (out / "report.json").exists(), log[-3000:]
     assert_same_run(out, ref)
+
+
+# ---- papermill --------------------------------------------------------------------------------------
+
+NOTEBOOK = """
+import os, signal
+from uvclab.engine import search
+from uvclab.engine.compress import compress
+from uvclab.engine.config import load_config
+real, calls = search.distillation_loss, [0]
+def loss(*a, **k):  # the scheduler's SIGTERM, sent to the kernel in the middle of step `kill_at`
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **k)
+search.distillation_loss = loss
+report = compress(load_config(overrides=quick), out, resume="auto")
+"""
+
+
+@pytest.mark.slow
+def test_a_papermill_run_stopped_by_sigterm_fails_its_cell_and_continues_when_executed_again(tmp_path,
+                                                                                              tmp_path_factory):
+    import nbformat
+    ref = reference(tmp_path_factory.getbasetemp())
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("out, kill_at, quick = '', 0, []"),
+                                         nbformat.v4.new_code_cell(NOTEBOOK)])
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3 (ipykernel)"}
+    nbformat.write(nb, tmp_path / "job.ipynb")
+    out, step = tmp_path / "run", random.Random().randint(1, SEARCH_STEPS + FINETUNE_STEPS)
+
+    def papermill(kill_at):
+        cmd = [sys.executable, "-m", "papermill", str(tmp_path / "job.ipynb"), str(tmp_path / f"out{kill_at}.ipynb"),
+               "-p", "out", str(out), "-p", "kill_at", str(kill_at), "-y", json.dumps({"quick": QUICK})]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    r = papermill(step)
+    assert r.returncode != 0 and "Preempted" in r.stderr and "Stopped by SIGTERM" in r.stderr, r.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 6 * ckpt["epoch"] + ckpt["step"] + (SEARCH_STEPS if ckpt["stage"] == "finetune" else 0) == step
+    r = papermill(0)  # executed again, as a scheduler would: resume="auto" continues
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(out, ref)
