@@ -87,8 +87,8 @@ def test_sigterm_at_a_random_step_exits_75_and_resume_equals_the_uninterrupted_r
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     k = step if stage == "search" else step - SEARCH_STEPS  # the step it was in finished, then it stopped
     assert (ckpt["stage"], 6 * ckpt["epoch"] + ckpt["step"]) == (stage, k), f"killed in step {step}"
-    name = "search" if stage == "search" else "fine-tune"
-    assert lines[0] == (f"uvclab: Stopped by SIGTERM after {name} epoch {(k - 1) // 6 + 1}/{3 if name == 'search' else 2}"
+    name, epochs = ("search", 3) if stage == "search" else ("fine-tune", 2)
+    assert lines[0] == (f"uvclab: Stopped by SIGTERM after {name} epoch {(k - 1) // 6 + 1}/{epochs}"
                         f" step {(k - 1) % 6 + 1}/6; checkpoint '{out / 'checkpoint.pt'}' written. Continue with "
                         "the same command and --resume (Python: resume='auto').")
     assert not (out / "report.json").exists()
