@@ -24,6 +24,8 @@ from uvclab.engine.config import CompressConfig
 from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs_for_data
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, rank, seeded_loader, set_seed,
                                 steps_per_epoch, train_one_epoch, world)
+from uvclab.engine.precision import TrainStep, maybe_compile, prepare_model
+from uvclab.engine.recipe import recipe_report, stage_recipe
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, open_run_folder, save_checkpoint
 from uvclab.engine.search import kd_loss_fn, latency_table_for, search
 from uvclab.engine.selection import choose_structure
@@ -107,6 +109,9 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
     ddp_model = torch.nn.parallel.DistributedDataParallel(slim) if world() > 1 else slim
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
     opt, sched = adamw_with_schedule(slim, cfg.finetune_lr, cfg.weight_decay, epochs * steps, min(500, steps))
+    # issue 27: timm recipe (Mixup/CutMix, smoothing, image ops, EMA) and precision; all off by default
+    step_fn = TrainStep(cfg.amp, cfg.device, cfg.channels_last)
+    rec, data = stage_recipe(cfg, "finetune", splits, prepare_model(slim, cfg.channels_last))
     if ckpt is None:
         start_val = evaluate(slim, splits.val)
         best_val, best_state, start = start_val, copy.deepcopy(slim.state_dict()), 0
@@ -117,21 +122,27 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
         sched.load_state_dict(ckpt["sched"])
         torch.set_rng_state(ckpt["rng"])
         best_val, best_state, start, start_val = ckpt["best_val"], ckpt["best_model"], ckpt["epoch"], ckpt["start_val"]
-    loss_fn = kd_loss_fn(cfg, ddp_model, teacher)
+        if "recipe" in ckpt:
+            rec.load_state_dict(ckpt["recipe"])
+            step_fn.load_state_dict(ckpt["amp"])
+    loss_fn = rec.wrap_loss(kd_loss_fn(cfg, maybe_compile(ddp_model, cfg.compile), maybe_compile(teacher, cfg.compile),
+                                       rec.criterion))
     for epoch in range(start, epochs):
-        loss = train_one_epoch(slim, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
-                                                   num_workers=cfg.num_workers),
+        loss = train_one_epoch(slim, seeded_loader(data.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
+                                                   num_workers=cfg.num_workers, pin_memory=cfg.pin_memory),
                                opt, sched, loss_fn, steps=steps, progress=cfg.progress,
-                               desc=f"fine-tune {epoch + 1}/{epochs}",
+                               desc=f"fine-tune {epoch + 1}/{epochs}", step_fn=step_fn,
+                               after_step=lambda step, loss: rec.after_step(slim),  # EMA (None: no bar values)
                                on_nonfinite=nonfinite_stop("fine-tune", epoch, out / "checkpoint.pt"))
-        val = evaluate(slim, splits.val)
+        val = evaluate(rec.eval_model(slim), splits.val)  # with EMA: the averaged weights are validated and kept
         if val > best_val:
-            best_val, best_state = val, copy.deepcopy(slim.state_dict())
+            best_val, best_state = val, copy.deepcopy(rec.eval_model(slim).state_dict())
         log.write({"stage": "finetune_epoch", "epoch": epoch, "loss": loss, "val_top1": val, "best_val_top1": best_val})
         save_checkpoint(out / "checkpoint.pt", {"stage": "finetune", "epoch": epoch + 1, "model": slim.state_dict(),
                                                 "opt": opt.state_dict(), "sched": sched.state_dict(),
                                                 "rng": torch.get_rng_state(), "best_val": best_val,
-                                                "best_model": best_state, "start_val": start_val})
+                                                "best_model": best_state, "start_val": start_val,
+                                                "recipe": rec.state_dict(), "amp": step_fn.state_dict()})
     slim.load_state_dict(best_state)
     return slim.eval(), best_val, start_val
 
@@ -230,7 +241,8 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
               "layout": cfg.layout, "train_images": train_images(cfg), "seconds": time.time() - t0,
               "world_size": world(), "ranks_agree": agree, "val_samples": len(splits.val),
-              "test_samples": len(splits.test), "budget_kind": cfg.budget_kind, "selection": selection}
+              "test_samples": len(splits.test), "budget_kind": cfg.budget_kind, "selection": selection,
+              **recipe_report(cfg)}
     if cfg.budget_kind == "latency":
         report.update(latency_report(cfg, model, structure, slim), search_end_latency_ratio=search_end_lat)
     if rank() == 0:
