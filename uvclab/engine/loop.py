@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
@@ -111,6 +112,7 @@ def same_on_all_ranks(obj) -> bool:
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed)  # timm's Mixup/CutMix and RandAugment draw from numpy's global RNG
     torch.manual_seed(seed)
 
 
