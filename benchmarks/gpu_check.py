@@ -86,7 +86,7 @@ def _peak_mb(device: torch.device) -> float:
 
 def time_steps(kind: str, student, teacher, data, amp: str, device, warmup: int) -> dict:
     """img/s of `kind` (kd | search | finetune) over `data` after `warmup` untimed steps."""
-    student = copy.deepcopy(student).to(device).train()
+    student = copy.deepcopy(student).to(device).train().requires_grad_(True)
     step_fn, rec = TrainStep(amp, device), build_recipe(STAGE1, num_classes=student.num_classes)
     uvc = None
     if kind == "search":
