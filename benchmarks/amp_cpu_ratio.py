@@ -61,9 +61,10 @@ def main(argv=None) -> dict:
         result[kind] = {"float32_s_per_step": statistics.median(times["none"]),
                         "bf16_s_per_step": statistics.median(times["bf16"]),
                         "bf16_over_float32": statistics.median(ratios), "ratios": ratios}
-        print(f"{kind:7s} float32 {result[kind]['float32_s_per_step']:.3f} s/step  bf16 "
-              f"{result[kind]['bf16_s_per_step']:.3f} s/step  ratio bf16/float32 {result[kind]['bf16_over_float32']:.2f}"
-              f"  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+        r = result[kind]
+        print(f"{kind:7s} float32 {r['float32_s_per_step']:.3f} s/step  bf16 {r['bf16_s_per_step']:.3f} s/step  "
+              f"ratio bf16/float32 {r['bf16_over_float32']:.2f}  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})",
+              flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result
