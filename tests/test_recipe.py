@@ -233,3 +233,15 @@ def test_resume_with_mixup_and_ema_equals_uninterrupted(recipe_ref, tmp_path, mo
     assert resumed["top1"] == ref["top1"] and resumed["val_top1"] == ref["val_top1"] and resumed["macs"] == ref["macs"]
     x = torch.randn(4, 1, 8, 8)
     assert torch.equal(uvclab.load_pruned(tmp_path / "run/model")(x), uvclab.load_pruned(ref_out / "model")(x))
+
+
+@pytest.mark.slow
+def test_default_job_under_bf16_stays_finite_and_on_budget(tmp_path):
+    """The embedded default job (digits, B = 0.5) with amp=bf16: every loss finite, the export within 0.02 of B."""
+    import json
+    from uvclab.engine.compress import compress
+    report = compress(load_config(overrides=["amp=bf16", "progress=false"]), tmp_path / "run")
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert report["budget"] - 0.02 <= report["macs_ratio"] <= report["budget"]
