@@ -122,7 +122,9 @@ def test_parameter_files_replace_every_short_run_default(yaml_path):
     keys = yaml.safe_load(yaml_path.read_text())
     for key in ("max_steps_per_epoch", "eval_max_samples", "test_max_samples", "overrides"):
         assert key in keys, f"{yaml_path.name} must set {key} (the notebooks' default is for short CPU runs)"
-    assert keys["max_steps_per_epoch"] is None and keys["eval_max_samples"] is None and keys["overrides"] == {}
+    assert keys["max_steps_per_epoch"] is None and keys["eval_max_samples"] is None
+    assert not [k for k in keys["overrides"] if k.startswith("uvc.")], "the library's UVC settings, not short-run ones"
+    assert keys["overrides"]["mixup"] == 0.8 and keys["overrides"]["amp"] == "bf16"  # the paper's recipe (issue 27)
     assert keys["test_max_samples"] is None
 
 

@@ -27,7 +27,9 @@ from uvclab.engine.config import CompressConfig
 from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs_for_data
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, rank, seeded_loader, set_seed,
                                 steps_per_epoch, train_one_epoch, world)
+from uvclab.engine.precision import TrainStep, maybe_compile, prepare_model
 from uvclab.engine.preempt import StopSignals, oom_guard
+from uvclab.engine.recipe import recipe_report, stage_recipe
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, open_run_folder, save_checkpoint
 from uvclab.engine.search import kd_loss_fn, latency_table_for, search
 from uvclab.engine.selection import choose_structure
@@ -111,9 +113,13 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
     ddp_model = torch.nn.parallel.DistributedDataParallel(slim) if world() > 1 else slim
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
     opt, sched = adamw_with_schedule(slim, cfg.finetune_lr, cfg.weight_decay, epochs * steps, min(500, steps))
+    # issue 27: timm recipe (Mixup/CutMix, smoothing, image ops, EMA) and precision; all off by default
+    step_fn = TrainStep(cfg.amp, cfg.device, cfg.channels_last)
+    rec, data = stage_recipe(cfg, "finetune", splits, prepare_model(slim, cfg.channels_last))
     ckpts = StageCheckpoints(cfg, out, log, "fine-tune", epochs, steps, lambda: {
         "stage": "finetune", "model": slim.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-        "best_val": best_val, "best_model": best_state, "start_val": start_val})
+        "best_val": best_val, "best_model": best_state, "start_val": start_val,
+        "recipe": rec.state_dict(), "amp": step_fn.state_dict()})
     start_step = 0
     if ckpt is None:
         start_val = evaluate(slim, splits.val)
@@ -125,18 +131,24 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
         sched.load_state_dict(ckpt["sched"])
         best_val, best_state, start_val = ckpt["best_val"], ckpt["best_model"], ckpt["start_val"]
         start, start_step = ckpts.resume(ckpt)
-    loss_fn = kd_loss_fn(cfg, ddp_model, teacher)
+        if "recipe" in ckpt:
+            rec.load_state_dict(ckpt["recipe"])
+            step_fn.load_state_dict(ckpt["amp"])
+    loss_fn = rec.wrap_loss(kd_loss_fn(cfg, maybe_compile(ddp_model, cfg.compile), maybe_compile(teacher, cfg.compile),
+                                       rec.criterion))
     for epoch in range(start, epochs):
         skip = start_step if epoch == start else 0  # a mid-epoch checkpoint: the steps already done
-        train_one_epoch(slim, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
-                                            num_workers=cfg.num_workers, skip_batches=skip),
-                        opt, sched, loss_fn, steps=steps, progress=cfg.progress, after_step=ckpts.hook(epoch),
-                        desc=f"fine-tune {epoch + 1}/{epochs}", start=skip,
+        hook = ckpts.hook(epoch, lambda step, loss: rec.after_step(slim))  # EMA (None: no bar values)
+        train_one_epoch(slim, seeded_loader(data.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
+                                            num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                                            skip_batches=skip),
+                        opt, sched, loss_fn, steps=steps, progress=cfg.progress, after_step=hook,
+                        desc=f"fine-tune {epoch + 1}/{epochs}", start=skip, step_fn=step_fn,
                         on_nonfinite=nonfinite_stop("fine-tune", epoch, out / "checkpoint.pt"))
         loss = ckpts.end_epoch()  # the whole epoch's mean loss, also when it was resumed mid-way
-        val = evaluate(slim, splits.val)
+        val = evaluate(rec.eval_model(slim), splits.val)  # with EMA: the averaged weights are validated and kept
         if val > best_val:
-            best_val, best_state = val, copy.deepcopy(slim.state_dict())
+            best_val, best_state = val, copy.deepcopy(rec.eval_model(slim).state_dict())
         log.write({"stage": "finetune_epoch", "epoch": epoch, "loss": loss, "val_top1": val, "best_val_top1": best_val})
         ckpts.save(epoch + 1)
     slim.load_state_dict(best_state)
@@ -243,7 +255,8 @@ def _compress(cfg: CompressConfig, out: Path, resume: bool | str) -> dict:
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
               "layout": cfg.layout, "train_images": train_images(cfg), "seconds": time.time() - t0,
               "world_size": world(), "ranks_agree": agree, "val_samples": len(splits.val),
-              "test_samples": len(splits.test), "budget_kind": cfg.budget_kind, "selection": selection}
+              "test_samples": len(splits.test), "budget_kind": cfg.budget_kind, "selection": selection,
+              **recipe_report(cfg)}
     if cfg.budget_kind == "latency":
         report.update(latency_report(cfg, model, structure, slim), search_end_latency_ratio=search_end_lat)
     if rank() == 0:

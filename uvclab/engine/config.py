@@ -18,6 +18,8 @@ from uvclab.vit.macs import LAYOUTS, check_budget
 from uvclab.errors import UvclabError
 from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
 from uvclab.uvc.settings import UVCSettings
+from uvclab.engine.precision import check_amp  # issue 27: training recipe and mixed precision
+from uvclab.engine.recipe import RECIPE_KEYS, RecipeSettings
 
 BUDGET_KINDS = ("macs", "latency")
 SKIP_SELECTIONS = ("auto", "gates", "validation")
@@ -90,6 +92,15 @@ class CompressConfig:
                                          # time since the last write (null or 0: only at epoch ends)
     checkpoint_every_steps: Optional[int] = None  # ... and after every N steps of a stage (null or 0: off)
     uvc: UVCSettings = field(default_factory=UVCSettings)
+    # ---- issue 27: speed switches (the lead moves them into the `run` section) ----
+    amp: str = "none"                    # none | bf16 | fp16: autocast for forward + loss (fp16 adds a GradScaler)
+    channels_last: bool = False          # NHWC input and patch-embedding weights
+    compile: bool = False                # torch.compile the fine-tuned model and the teacher (opt-in)
+    pin_memory: bool = False             # pinned host memory in the training loader (GPU runs)
+    # ---- issue 27: timm's training recipe (uvclab.engine.recipe); flat `--set mixup=0.8` reaches recipe.mixup ----
+    recipe: RecipeSettings = field(default_factory=RecipeSettings)  # stage 1 (and stage 2 unless finetune_recipe)
+    finetune_recipe: Optional[RecipeSettings] = None  # stage 2's recipe; given as a mapping, its keys override
+                                         # `recipe`'s (e.g. {aa: rand-m9-mstd0.5-inc1, reprob: 0.25}); None: recipe
 
     def __post_init__(self):
         check_budget(self.macs_ratio)
@@ -128,6 +139,7 @@ class CompressConfig:
             raise UvclabError("latency_feedback, latency_tolerance and select_finetune_steps must be >= 0.")
         if not 0 <= self.kd_alpha <= 1:
             raise UvclabError(f"kd_alpha={self.kd_alpha} must be in [0, 1].")
+        check_amp(self.amp)
         if self.model is None and self.teacher is None:
             raise UvclabError("Give a model (timm name) or a teacher card to start from.")
 
@@ -147,7 +159,7 @@ class CompressConfig:
         if isinstance(uvc, dict):
             uvc = {k: v for k, v in uvc.items() if k != "macs_ratio"}  # run folders before 0.2 copied the budget here
             uvc = _from_dict(UVCSettings, uvc, "uvc.")
-        return _from_dict(cls, dict(d, uvc=uvc))
+        return _from_dict(cls, dict(_recipe_sections(d), uvc=uvc))
 
     def save(self, path: str | Path) -> None:
         save_yaml(self, path)
@@ -191,6 +203,20 @@ class TeacherConfig:
 
     def save(self, path: str | Path) -> None:
         save_yaml(self, path)
+
+
+def _recipe_sections(d: dict) -> dict:
+    """issue 27: flat recipe keys (`mixup: 0.8`) go into `recipe`; a `finetune_recipe` mapping overrides recipe's
+    keys for stage 2. (To be replaced by the config's alias function of issue 23.)"""
+    d = dict(d)
+    recipe = d.pop("recipe", None) or {}
+    if isinstance(recipe, dict):
+        recipe = dict(recipe, **{k: d.pop(k) for k in RECIPE_KEYS if k in d})
+        recipe = _from_dict(RecipeSettings, recipe, "recipe.")
+    ft = d.pop("finetune_recipe", None)
+    if isinstance(ft, dict):
+        ft = _from_dict(RecipeSettings, dict(dataclasses.asdict(recipe), **ft), "finetune_recipe.")
+    return dict(d, recipe=recipe, finetune_recipe=ft)
 
 
 def _from_dict(cls, d: dict, prefix: str = ""):

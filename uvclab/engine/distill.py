@@ -5,11 +5,12 @@ soft KD = KL(softmax(t / tau) || softmax(s / tau)) * tau^2, and hard KD = CE(s, 
 The reference divides the summed KL by `logits.numel()` (B x classes): on ImageNet that makes the term about
 1000x weaker than a per-sample KL. `reduction="numel"` reproduces it; the default "batchmean" divides by B.
 A DeiT distilled student in training mode returns `(cls_logits, dist_logits)`: the label loss trains the
-class token, KD trains the distillation token (method doc section 4).
+class token, KD trains the distillation token (method doc section 4). With Mixup/CutMix the labels are soft
+(B, K) targets and `criterion` is timm's SoftTargetCrossEntropy; the teacher gets the same mixed images (4.1).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +41,13 @@ def hard_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 def distillation_loss(outputs: Logits, labels: torch.Tensor, teacher_logits: Optional[Logits] = None,
                       kind: str = "soft", alpha: float = 0.5, tau: float = 1.0, reduction: str = "batchmean",
-                      label_smoothing: float = 0.0) -> torch.Tensor:
+                      label_smoothing: float = 0.0, criterion: Optional[Callable] = None) -> torch.Tensor:
     """(1 - alpha) * CE(outputs, labels) + alpha * KD; `kind="none"` is the plain CE.
 
     outputs: (B, K) logits, or (cls_logits, dist_logits) from a DeiT distilled model in training mode.
     labels: (B,) class indices or (B, K) soft targets (Mixup/CutMix). teacher_logits: (B, K); a teacher
-    tuple is averaged like timm's inference.
+    tuple is averaged like timm's inference. criterion(logits, labels): the label loss in place of CE (the
+    recipe's SoftTargetCrossEntropy / LabelSmoothingCrossEntropy; `label_smoothing` then does not apply).
     """
     if kind not in KINDS:
         raise UvclabError(f"Unknown distillation kind '{kind}'; choose one of {KINDS}.")
@@ -53,7 +55,8 @@ def distillation_loss(outputs: Logits, labels: torch.Tensor, teacher_logits: Opt
         raise UvclabError(f"alpha={alpha} must be in [0, 1] (the weight of the distillation term).")
     _check_tau_reduction(tau, reduction)
     cls_logits, kd_logits = outputs if isinstance(outputs, (tuple, list)) else (outputs, outputs)
-    base = F.cross_entropy(cls_logits, labels, label_smoothing=label_smoothing)
+    base = (F.cross_entropy(cls_logits, labels, label_smoothing=label_smoothing) if criterion is None
+            else criterion(cls_logits, labels))
     if kind == "none":
         return base
     if teacher_logits is None:

@@ -18,6 +18,8 @@ from uvclab.engine.config import CompressConfig
 from uvclab.engine.distill import distillation_loss
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, seeded_loader, steps_per_epoch, train_one_epoch,
                                 world)
+from uvclab.engine.precision import TrainStep, maybe_compile, prepare_model
+from uvclab.engine.recipe import stage_recipe
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop
 from uvclab.uvc import UVCPrimalDual, current_structure
 from uvclab.vit.gated import open_all_gates
@@ -42,13 +44,14 @@ def masked_top1(model: torch.nn.Module, structure: Structure, dataset) -> float:
         return evaluate(model, dataset)
 
 
-def kd_loss_fn(cfg: CompressConfig, model, teacher):
-    """loss(x, y): the configured distillation loss of `model` against the frozen teacher."""
+def kd_loss_fn(cfg: CompressConfig, model, teacher, criterion=None):
+    """loss(x, y): the configured distillation loss of `model` against the frozen teacher (on the same x: with
+    Mixup, `Recipe.wrap_loss` mixes x before this runs). criterion: the recipe's label loss (None: CE)."""
     def loss(x, y):
         with torch.no_grad():
             t = teacher(x)
         return distillation_loss(model(x), y, t, kind=cfg.kd, alpha=cfg.kd_alpha, tau=cfg.kd_tau,
-                                 reduction=cfg.kd_reduction)
+                                 reduction=cfg.kd_reduction, criterion=criterion)
     return loss
 
 
@@ -89,9 +92,13 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
         uvc = UVCPrimalDual(model, cfg.uvc, cfg.macs_ratio, total_epochs=cfg.search_epochs,
                             total_steps=cfg.search_epochs * steps, latency=table, layout=cfg.layout)
     opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
+    # issue 27: timm recipe (Mixup/CutMix, smoothing, image ops) and precision; all off by default
+    rec, data = stage_recipe(cfg, "search", splits)
+    step_fn = TrainStep(cfg.amp, cfg.device, cfg.channels_last)
+    prepare_model(model, cfg.channels_last), prepare_model(teacher, cfg.channels_last)
     ckpts = StageCheckpoints(cfg, out, log, "search", epochs, steps, lambda: {
         "stage": "search", "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-        "uvc": uvc.state_dict(), "uvc_last": uvc.last})
+        "uvc": uvc.state_dict(), "uvc_last": uvc.last, "recipe": rec.state_dict(), "amp": step_fn.state_dict()})
     start, start_step = 0, 0
     if ckpt is not None and ckpt["stage"] == "search":
         model.load_state_dict(ckpt["model"])
@@ -100,7 +107,11 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
         uvc.load_state_dict(ckpt["uvc"])
         uvc.last = ckpt.get("uvc_last", {})
         start, start_step = ckpts.resume(ckpt)
-    kd = kd_loss_fn(cfg, ddp_model, teacher)
+        if "recipe" in ckpt:
+            rec.load_state_dict(ckpt["recipe"])
+            step_fn.load_state_dict(ckpt["amp"])
+    # the gated student is not compiled (its gates change between steps); the frozen teacher may be
+    kd = rec.wrap_loss(kd_loss_fn(cfg, ddp_model, maybe_compile(teacher, cfg.compile), rec.criterion))
     for epoch in range(start, epochs):
         warm = epoch < cfg.warmup_epochs
 
@@ -108,16 +119,17 @@ def search(cfg: CompressConfig, model, teacher, splits, out: Path, log: MetricsL
             uvc.set_model_gates(uvc.gate_sample(warmup=warm))
             return kd(x, y)
 
-        def after_step(step, loss):
+        def after_step(step, loss):  # outside autocast: the dual / count updates and R stay float32
             rec = uvc.step(opt.param_groups[0]["lr"], epoch, warm)
             log.write({"stage": "search", "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **rec})
             return {"R": f"{rec['R']:.3f}", "z": f"{rec['z']:.2g}"}
 
         skip = start_step if epoch == start else 0  # a mid-epoch checkpoint: the steps already done
-        train_one_epoch(model, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
-                                             num_workers=cfg.num_workers, skip_batches=skip),
+        train_one_epoch(model, seeded_loader(data.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
+                                             num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                                             skip_batches=skip),
                         opt, sched, loss_fn, steps=steps, progress=cfg.progress,
-                        after_step=ckpts.hook(epoch, after_step),
+                        after_step=ckpts.hook(epoch, after_step), step_fn=step_fn,
                         desc=f"search {epoch + 1}/{epochs}" + (" (warm-up)" if warm else ""),
                         on_nonfinite=nonfinite_stop("search", epoch, out / "checkpoint.pt"), start=skip)
         ckpts.end_epoch()
