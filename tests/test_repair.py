@@ -239,3 +239,15 @@ def test_activation_structure_fits_the_budget_and_follows_activations_not_weight
     assert ratio - 0.02 <= frac <= ratio
     kept_loud = lambda s: sum(len(set(b.mlp) & set(loud)) for b in s.blocks)  # noqa: E731
     assert kept_loud(act) > 2 * kept_loud(mag)
+
+
+def test_config_keys_repair_and_calibration(tmp_path):
+    from uvclab.engine.config import CompressConfig, load_config
+    (tmp_path / "c.yaml").write_text("repair: lstsq\ncalibration:\n  ridge: 1e-2\n")
+    cfg = load_config(tmp_path / "c.yaml", ["calibration.samples=500"])
+    assert (cfg.repair, cfg.calibration) == ("lstsq", CalibrationSettings(samples=500, ridge=0.01))
+    assert CompressConfig.from_dict(cfg.to_dict()) == cfg and CompressConfig().repair == "none"
+    for bad, msg in (("repair=ols", "repair='ols' is not one of"), ("calibration.samples=0", "samples=0 must be"),
+                     ("calibration.ridge=-1", "ridge=-1.0 must be >= 0"), ("calibration.seed=1", "Unknown calibration")):
+        with pytest.raises(UvclabError, match=msg):
+            load_config(overrides=[bad])
