@@ -177,7 +177,8 @@ def test_every_method_runs_through_the_same_pipeline(tmp_path, quick_run, method
     """`--set method=...`: a one-shot structure, then the same export, fine-tune, report and files as UVC
     (safetensors + JSON; nothing a loader would unpickle)."""
     out = tmp_path / method
-    short = ["warmup_epochs=0", "search_epochs=1", "finetune_epochs=1", "max_steps_per_epoch=3", "progress=false"]
+    short = ["warmup_epochs=0", "search_epochs=1", "finetune_epochs=1", "max_steps_per_epoch=3", "progress=false",
+             "calibration.samples=256"]
     code = main(["compress", "--out", str(out), "--set", f"method={method}"] + sum((["--set", s] for s in short), []))
     assert code == 0
     report = json.loads((out / "report.json").read_text())

@@ -17,6 +17,8 @@ import yaml
 from uvclab.vit.macs import LAYOUTS, check_budget
 from uvclab.errors import UvclabError
 from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
+from uvclab.prune.calibration import CalibrationSettings
+from uvclab.prune.repair import REPAIRS
 from uvclab.uvc.settings import UVCSettings
 from uvclab.engine.precision import check_amp  # issue 27: training recipe and mixed precision
 from uvclab.engine.recipe import RECIPE_KEYS, RecipeSettings
@@ -101,9 +103,15 @@ class CompressConfig:
     recipe: RecipeSettings = field(default_factory=RecipeSettings)  # stage 1 (and stage 2 unless finetune_recipe)
     finetune_recipe: Optional[RecipeSettings] = None  # stage 2's recipe; given as a mapping, its keys override
                                          # `recipe`'s (e.g. {aa: rand-m9-mstd0.5-inc1, reprob: 0.25}); None: recipe
+    repair: str = "none"                 # after the structure is chosen, before fine-tuning: none | mean (pruned
+                                         # channels' mean folded into the bias) | lstsq (ridge refit of the kept
+                                         # columns of attn.proj / mlp.fc2 onto the dense output)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)  # images, ridge, memory limit
 
     def __post_init__(self):
         check_budget(self.macs_ratio)
+        if self.repair not in REPAIRS:
+            raise UvclabError(f"repair='{self.repair}' is not one of {REPAIRS}.")
         if self.budget_kind not in BUDGET_KINDS:
             raise UvclabError(f"budget_kind='{self.budget_kind}' is not one of {BUDGET_KINDS}.")
         if self.budget_kind == "latency" and self.method != "uvc":
@@ -159,7 +167,10 @@ class CompressConfig:
         if isinstance(uvc, dict):
             uvc = {k: v for k, v in uvc.items() if k != "macs_ratio"}  # run folders before 0.2 copied the budget here
             uvc = _from_dict(UVCSettings, uvc, "uvc.")
-        return _from_dict(cls, dict(_recipe_sections(d), uvc=uvc))
+        calibration = d.pop("calibration", None) or {}
+        if isinstance(calibration, dict):
+            calibration = _from_dict(CalibrationSettings, calibration, "calibration.")
+        return _from_dict(cls, dict(_recipe_sections(d), uvc=uvc, calibration=calibration))
 
     def save(self, path: str | Path) -> None:
         save_yaml(self, path)

@@ -14,10 +14,10 @@ import copy
 import torch
 
 from uvclab.engine.config import CompressConfig
-from uvclab.engine.loop import seeded_loader
 from uvclab.engine.search import masked_top1
 from uvclab.errors import UvclabError
 from uvclab.prune import baselines
+from uvclab.prune.calibration import calibration_batches
 from uvclab.vit.structure import Structure
 
 ONE_SHOT = ("magnitude", "uniform", "depth", "torch_pruning", "isomorphic")
@@ -38,6 +38,8 @@ def one_shot_structure(cfg: CompressConfig, model: torch.nn.Module, teacher: tor
         plain = copy.deepcopy(teacher)                 # a plain timm model with the student's weights
         plain.load_state_dict(model.state_dict())
         plain.requires_grad_(True)
-        calib = [b for _, b in zip(range(4), seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 - 1))]
+        # cfg.calibration.samples training images (Isomorphic Pruning ranks with 3,200), the same on every rank
+        calib, _ = calibration_batches(splits.train, cfg.calibration.samples, cfg.batch_size, cfg.seed * 100_003 - 1,
+                                       shard=False)
         return torch_pruning_structure(plain, cfg.macs_ratio, calib, isomorphic=cfg.method == "isomorphic")
     raise UvclabError(f"'{cfg.method}' is not a one-shot method; choose one of {ONE_SHOT}.")
