@@ -16,6 +16,7 @@ import shutil
 import tempfile
 
 FULL_ONLY_MARKERS = ("slow", "browser")
+pytest_plugins = ["pytester"]   # tests/test_tiers.py checks these rules in a scratch project
 
 
 def pytest_addoption(parser):

@@ -57,8 +57,13 @@ def test_readme_is_a_short_guide():
     first = "\n".join(lines[:100])
     for must in ("pip install -e", "pytest -q", "uvclab compress", "top-1", "<!-- results-table -->"):
         assert must in first, f"'{must}' is not in the README's first 100 lines"
-    for link in re.findall(r"\]\(((?:docs|notebooks|benchmarks)/[^)#]+)", README.read_text()):
-        assert (ROOT / link).exists(), f"README links to {link}, which does not exist"
+
+
+def test_links_between_readme_and_docs_resolve():
+    for doc in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for link in re.findall(r"\]\(([^)#\s]+)", doc.read_text()):
+            if not re.match(r"[a-z]+://", link):
+                assert (doc.parent / link).exists(), f"{doc.name} links to {link}, which does not exist"
 
 
 if __name__ == "__main__":
