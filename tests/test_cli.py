@@ -98,6 +98,9 @@ def test_runs_default_root_and_errors(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("UVCLAB_RUNS", str(tmp_path))
     code = main(["runs"])
     assert code == 0 and capsys.readouterr().out.strip() == f"no finished runs under {tmp_path}"
+    monkeypatch.setenv("UVCLAB_RUNS", str(tmp_path / "never_made"))      # a new user's default: not an error
+    code = main(["runs", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out) == []
     code = main(["runs", str(tmp_path / "missing")])
     assert code == 2 and "is not a folder" in capsys.readouterr().err
     code = main(["show", str(tmp_path)])

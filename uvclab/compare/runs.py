@@ -158,9 +158,11 @@ FIGURE_SUFFIXES = {".png", ".svg", ".pdf", ".jpg", ".jpeg"}
 def runs_table(runs_root: str | Path | None = None) -> pd.DataFrame:
     """One row per finished run under `runs_root` (default: the runs folder): `RUN_COLUMNS`, `run` being the
     folder relative to the root; a field an older report lacks is NaN (`latency_ratio_measured`: latency
-    budgets only). A root that is not a folder is an error naming it."""
+    budgets only). A given root that is not a folder is an error naming it; a missing default root has no runs."""
     from uvclab.paths import runs_dir
     root = Path(runs_root or runs_dir())
+    if not root.is_dir() and runs_root is None:
+        return pd.DataFrame(columns=RUN_COLUMNS)
     if not root.is_dir():
         raise UvclabError(f"'{root}' is not a folder. Give the folder that holds the run folders (default: "
                           "$UVCLAB_RUNS or ./runs).")
