@@ -126,3 +126,11 @@ def test_show_report_structure_and_files(capsys, run_root):
     b0 = blocks[0]
     row = f"0 {b0['heads']}/{s.num_heads} {b0['v_dims']}/{s.num_heads * s.head_dim} {b0['mlp']}/{s.mlp_hidden}"
     assert any(" ".join(line.split()).startswith(row) for line in out.splitlines())
+
+
+def test_readme_glossary_names_every_report_field(run_root):
+    from uvclab.paths import REPO_ROOT
+    readme = (REPO_ROOT / "README.md").read_text()
+    glossary = readme[readme.index("## report.json"):]
+    report = json.loads((run_root[1] / "report.json").read_text())
+    assert [k for k in report if f"`{k}`" not in glossary] == []
