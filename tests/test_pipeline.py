@@ -65,6 +65,7 @@ def test_metrics_log_traces_the_search(quick_run):
     assert any(r["stage"] == "finetune_epoch" for r in recs)
 
 
+@pytest.mark.slow   # three runs: about 35 s under load (full tier)
 def test_resume_gives_the_same_result(tmp_path, monkeypatch):
     cfg = quick_cfg()
     ref = train.compress(cfg, tmp_path / "ref")
