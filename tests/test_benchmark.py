@@ -52,6 +52,7 @@ def test_script_runs_every_method_and_writes_results(tmp_path):
     assert [p.stat().st_mtime_ns for p in reports] == stamps
 
 
+@pytest.mark.slow   # about 40 s under load (full tier)
 def test_extra_seeds_go_to_uvc_and_the_best_baseline_on_validation(tmp_path):
     protocol = Protocol(budgets=(0.6, 0.5), methods=("uvc", "uniform", "depth"), seeds=(0,), extra_seeds=(1,),
                         seed_budgets=(0.5, 0.3), seed_methods="best", config=TINY, speed_rounds=1,

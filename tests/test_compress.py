@@ -9,7 +9,7 @@ import torch
 
 import uvclab
 from uvclab.engine import compress as train
-from uvclab.engine import distill, strategies as search_stage
+from uvclab.engine import checkpointing, distill, strategies as search_stage
 from uvclab.engine.loop import evaluate
 from uvclab.engine.runfiles import load_checkpoint
 from uvclab.ui.cli import main
@@ -65,6 +65,7 @@ def test_metrics_log_traces_the_search(quick_run):
     assert any(r["stage"] == "finetune_epoch" for r in recs)
 
 
+@pytest.mark.slow   # three runs: about 35 s under load (full tier)
 def test_resume_gives_the_same_result(tmp_path, monkeypatch):
     cfg = quick_cfg()
     ref = train.compress(cfg, tmp_path / "ref")
@@ -77,11 +78,11 @@ def test_resume_gives_the_same_result(tmp_path, monkeypatch):
         if calls["n"] == 2:  # killed right after the 2nd checkpoint (mid-search)
             raise KeyboardInterrupt
 
-    for stage in (train, search_stage):
+    for stage in (train, checkpointing):
         monkeypatch.setattr(stage, "save_checkpoint", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         train.compress(cfg, tmp_path / "run")
-    for stage in (train, search_stage):
+    for stage in (train, checkpointing):
         monkeypatch.setattr(stage, "save_checkpoint", real)
     with pytest.raises(UvclabError, match="--resume"):
         train.compress(cfg, tmp_path / "run")
@@ -177,7 +178,8 @@ def test_every_method_runs_through_the_same_pipeline(tmp_path, quick_run, method
     """`--set method=...`: a one-shot structure, then the same export, fine-tune, report and files as UVC
     (safetensors + JSON; nothing a loader would unpickle)."""
     out = tmp_path / method
-    short = ["warmup_epochs=0", "search_epochs=1", "finetune_epochs=1", "max_steps_per_epoch=3", "progress=false"]
+    short = ["warmup_epochs=0", "search_epochs=1", "finetune_epochs=1", "max_steps_per_epoch=3", "progress=false",
+             "calibration.samples=256"]
     code = main(["compress", "--out", str(out), "--set", f"method={method}"] + sum((["--set", s] for s in short), []))
     assert code == 0
     report = json.loads((out / "report.json").read_text())

@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from uvclab.engine.config import (CompressConfig, RunSettings, config_from_parameters, into_sections, load_config)
+from uvclab.engine.recipe import RecipeSettings
 from uvclab.errors import UvclabError
+from uvclab.prune.calibration import CalibrationSettings
 from uvclab.uvc import UVCSettings
 
 # config.yaml of a run folder written before the sections (uvclab 0.2, the default job; uvc.* abridged)
@@ -104,6 +106,9 @@ def test_unknown_ambiguous_and_contradicting_keys_are_clear_errors():
 
 def test_top_level_keys_every_method_reads():
     top = [f.name for f in dataclasses.fields(CompressConfig)]
-    assert len(top) <= 30 and top[-2:] == ["run", "uvc"]
-    moved = {"device", "threads", "num_workers", "progress", "select_skips", "latency_batch_size", "search_resource"}
-    assert not moved & set(top) and moved <= {f.name for c in (RunSettings, UVCSettings) for f in dataclasses.fields(c)}
+    assert len(top) <= 32 and top[-4:] == ["run", "uvc", "calibration", "recipe"]
+    moved = {"device", "threads", "num_workers", "progress", "select_skips", "latency_batch_size", "search_resource",
+             "amp", "checkpoint_every_minutes", "repair", "mixup"}
+    assert not moved & set(top) and moved <= {f.name for c in (RunSettings, UVCSettings, CalibrationSettings,
+                                                               RecipeSettings) for f in dataclasses.fields(c)}
+    assert load_config(overrides=["repair=lstsq", "mixup=0.8", "amp=bf16"]).calibration.repair == "lstsq"

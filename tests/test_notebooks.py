@@ -1,11 +1,13 @@
 """The notebooks: the committed (executed) files are well-formed, and each one runs with tiny parameters.
 
-Structure checks read the committed .ipynb files: one `parameters` cell with a help comment per parameter,
-executed with outputs, small, no model printouts or progress bars, no pip / sys.path cells, kernel python3.
-The papermill tests execute every notebook into tmp_path with tiny parameters (digits, a few steps), writing
-their runs into one shared temporary runs folder so that 06_results and 07_explorer read what 02-04 wrote.
-The committed outputs themselves are regression-tested by nbval:
-    pytest --nbval-lax notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg
+Fast tier: structure checks read the committed .ipynb files (one `parameters` cell with a help comment per
+parameter, executed with outputs, small, no model printouts or progress bars, no pip / sys.path cells, kernel
+python3), and each parameters cell is executed on its own and validated (every parameter used, the run
+notebooks' parameters build a valid CompressConfig, with their defaults and with the tiny values below).
+Full tier (`pytest --full`, slow): the papermill tests execute every notebook into tmp_path with tiny parameters
+(digits, a few steps), writing their runs into one shared temporary runs folder so that 06_results and
+07_explorer read what 02-04 wrote; the committed outputs themselves are regression-tested by nbval
+(`pytest --full notebooks/`).
 """
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import ast
 import dataclasses
 import re
 from pathlib import Path
+from typing import Optional
 
 import nbformat
 import pytest
 import yaml
 
-from uvclab.engine.config import CompressConfig
+from uvclab.engine.config import ABLATIONS, METHODS, CompressConfig, config_from_parameters
 
 papermill = pytest.importorskip("papermill")
 
@@ -102,6 +105,40 @@ def test_structure(path):
         assert len(t) < MAX_TEXT_CHARS, f"a {len(t)}-character text output (model printout?)"
 
 
+def _parameters(nb) -> dict:
+    """The variables of the notebook's `parameters` cell, executed on its own (literals: no imports needed)."""
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    ns: dict = {"Optional": Optional}
+    exec(compile(cell.source, "parameters", "exec"), ns)
+    return {k: v for k, v in ns.items() if not k.startswith("__") and k != "Optional"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_parameters_cell_is_valid(path):
+    """Every parameter is read by the notebook (by name, or as a config field through config_from_parameters),
+    and the run notebooks' parameters make a valid CompressConfig, with their defaults and with TINY's values."""
+    nb = _nb(path)
+    params = _parameters(nb)
+    assert set(params) == set(papermill.inspect_notebook(str(path))), "a variable papermill does not see"
+    body = "\n".join(c.source for c in nb.cells if c.cell_type == "code"
+                     and "parameters" not in c.metadata.get("tags", []))
+    to_config = "config_from_parameters(globals()" in body
+    fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    unused = [n for n in params if not re.search(rf"\b{n}\b", body) and not (to_config and n in fields)]
+    assert not unused, f"{path.name}: parameters {unused} are never used"
+    assert set(TINY[path.stem]) <= set(params), "TINY sets a parameter the notebook does not have"
+    for values in (params, {**params, **TINY[path.stem]}):
+        if to_config:
+            cfg = config_from_parameters(values, values.get("overrides"), threads=values.get("threads") or None)
+            assert cfg.dataset == values["dataset"] and cfg.run.progress is False
+        for a in values.get("ablations", []):
+            assert a in ABLATIONS, f"ablation {a!r} is not one of {sorted(ABLATIONS)}"
+        for m in values.get("baselines", []):
+            assert m in METHODS and m != "uvc", f"baseline {m!r} is not a one-shot method of {METHODS}"
+        for b in values.get("budgets", []) + values.get("uvc_budgets", []) + values.get("bench_budgets", []):
+            assert 0 < b <= 1
+
+
 @pytest.mark.parametrize("yaml_path", sorted((NB_DIR / "params").glob("*.yaml")), ids=lambda p: p.name)
 def test_parameter_files_match_notebook_parameters(yaml_path):
     """papermill -f FILE injects every key: each must be a parameter of the run notebooks 02-04."""
@@ -122,7 +159,9 @@ def test_parameter_files_replace_every_short_run_default(yaml_path):
     keys = yaml.safe_load(yaml_path.read_text())
     for key in ("max_steps_per_epoch", "eval_max_samples", "test_max_samples", "overrides"):
         assert key in keys, f"{yaml_path.name} must set {key} (the notebooks' default is for short CPU runs)"
-    assert keys["max_steps_per_epoch"] is None and keys["eval_max_samples"] is None and keys["overrides"] == {}
+    assert keys["max_steps_per_epoch"] is None and keys["eval_max_samples"] is None
+    assert not [k for k in keys["overrides"] if k.startswith("uvc.")], "the library's UVC settings, not short-run ones"
+    assert keys["overrides"]["mixup"] == 0.8 and keys["overrides"]["amp"] == "bf16"  # the paper's recipe (issue 27)
     assert keys["test_max_samples"] is None
 
 

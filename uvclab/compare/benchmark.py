@@ -23,7 +23,7 @@ import torch
 
 from uvclab.engine.config import ABLATIONS, CompressConfig, load_config
 from uvclab.engine.strategies import STRATEGIES
-from uvclab.errors import UvclabError
+from uvclab.errors import Preempted, UvclabError
 from uvclab.io_utils import atomic_write_text
 from uvclab.paths import CHECKPOINT, CONFIG, MODEL_DIR, REPORT
 
@@ -107,6 +107,8 @@ def _job(args) -> dict:
     cfg = CompressConfig.from_dict(cfg_dict)
     try:
         return run_method(method, cfg, out)
+    except Preempted:  # a stop signal ends the whole benchmark (its runs continue from their checkpoints)
+        raise
     except Exception as e:  # one failed run must not lose the others: recorded, reported, re-run next time
         atomic_write_text(Path(out) / "error.txt", f"{type(e).__name__}: {e}\n")
         return {"method": method, "budget": cfg.macs_ratio, "seed": cfg.seed, "error": str(e)}

@@ -22,7 +22,7 @@ import torch
 
 from uvclab.compare.runs import run_config
 from uvclab.engine.data import FASHION_CLASSES, fashion_mnist_test, load_dataset
-from uvclab.errors import UvclabError
+from uvclab.errors import DiskFull, UvclabError
 from uvclab.io_utils import atomic_write
 from uvclab.paths import REPO_ROOT, default_teacher
 from uvclab.vit.structure import Structure
@@ -219,8 +219,8 @@ def _write_cache(path: Optional[Path], logits: np.ndarray, key: dict) -> None:
     if path is None:
         return
     try:
-        atomic_write(path, lambda tmp: save_file({"logits": logits}, tmp, metadata=key))
-    except OSError as e:  # a read-only run folder: compute each time
+        atomic_write(path, lambda tmp: save_file({"logits": logits}, tmp, metadata=key), size=logits.nbytes)
+    except (OSError, DiskFull) as e:  # a read-only or full run folder: compute each time
         warnings.warn(f"predictions not cached in '{path.parent}' ({e}); they are recomputed next time")
 
 

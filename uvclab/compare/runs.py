@@ -1,4 +1,5 @@
-"""Reading run folders: reports, metrics traces, and every run under a folder as one table.
+"""Reading run folders: reports, metrics traces, every run under a folder as one table, and the tables of
+`uvclab runs` (one row per run) and `uvclab show` (one run: report, structure per block, files).
 
 Works on what `compress` writes (and on run folders of earlier versions: renamed keys are mapped).
 """
@@ -148,3 +149,54 @@ def find_run(config: Mapping, runs_root: str | Path) -> Optional[Path]:
         if (rep.parent / CONFIG).is_file() and run_config(rep.parent) == dict(config):
             return rep.parent
     return None
+
+
+# ---- `uvclab runs` and `uvclab show` ---------------------------------------------------------------
+
+RUN_COLUMNS = ["run", "dataset", "method", "budget_kind", "budget", "seed", "top1", "test_samples", "macs_ratio",
+               "latency_ratio_measured", "seconds", "path"]
+FIGURE_SUFFIXES = {".png", ".svg", ".pdf", ".jpg", ".jpeg"}
+
+
+def runs_table(runs_root: str | Path | None = None) -> pd.DataFrame:
+    """One row per finished run under `runs_root` (default: the runs folder): `RUN_COLUMNS`, `run` being the
+    folder relative to the root; a field an older report lacks is NaN (`latency_ratio_measured`: latency
+    budgets only). A given root that is not a folder is an error naming it; a missing default root has no runs."""
+    from uvclab.paths import runs_dir
+    root = Path(runs_root or runs_dir())
+    if not root.is_dir() and runs_root is None:
+        return pd.DataFrame(columns=RUN_COLUMNS)
+    if not root.is_dir():
+        raise UvclabError(f"'{root}' is not a folder. Give the folder that holds the run folders (default: "
+                          "$UVCLAB_RUNS or ./runs).")
+    df = read_runs(root)
+    df["run"] = [str(Path(p).relative_to(root)) if Path(p) != root else "." for p in df["path"]]
+    return df.reindex(columns=RUN_COLUMNS)
+
+
+def block_table(structure: Structure) -> list[dict]:
+    """Per block what a structure keeps, as counts of the dense model's: heads, value dims (all heads
+    together), MLP neurons, and what is skipped ('block', 'attn', 'mlp' or '')."""
+    rows = []
+    for l, b in enumerate(structure.blocks):
+        skipped = "block" if not b.keep else "attn" if not b.runs_attn else "mlp" if not b.runs_mlp else ""
+        rows.append({"block": l, "heads": len(b.heads) if b.runs_attn else 0,
+                     "v_dims": sum(map(len, b.v_dims)) if b.runs_attn else 0,
+                     "qk_dims": sum(map(len, b.qk_dims)) if b.runs_attn else 0,
+                     "mlp": len(b.mlp) if b.runs_mlp else 0, "skipped": skipped})
+    return rows
+
+
+def run_details(run_dir: str | Path) -> dict:
+    """What `uvclab show` prints: the report, the structure per block (`block_table`, with the dense sizes),
+    and every file of the run folder (relative paths; `figures`: the images among them)."""
+    run_dir = Path(run_dir)
+    report = read_report(run_dir)
+    structure = None
+    if (run_dir / "structure.json").is_file():
+        s = Structure.load(run_dir / "structure.json")
+        structure = {"num_heads": s.num_heads, "head_dim": s.head_dim, "mlp_hidden": s.mlp_hidden,
+                     "blocks": block_table(s)}
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    return {"path": str(run_dir), "report": report, "structure": structure, "files": files,
+            "figures": [f for f in files if Path(f).suffix.lower() in FIGURE_SUFFIXES]}

@@ -3,8 +3,10 @@
 config -> data + teacher -> gated student -> structure strategy (`strategies.STRATEGIES[cfg.method]`) ->
 Structure -> export -> validation before fine-tuning -> fine-tune with distillation (best epoch on
 validation) -> report. The run folder holds config.yaml, metrics.jsonl, structure.json, uvc_state.json
-(UVC), model/ (safetensors + uvclab.json), report.json and checkpoint.pt (atomic, every epoch; `resume=True`
-continues and ends with the same result). A non-finite loss stops the run with the last good checkpoint
+(UVC), model/ (safetensors + uvclab.json), report.json and checkpoint.pt (atomic, every epoch and inside
+epochs: `engine.checkpointing`; `resume=True` continues from any step and ends with the same result).
+SIGTERM / SIGUSR1 stop a run after the current step with a checkpoint (`Preempted`, `engine.preempt`); a
+non-finite loss, a full disk or running out of memory stop it with one clear line, the last good checkpoint
 kept. Works data-parallel under torchrun (gloo on CPU, nccl on GPU); a torchrun restart (`--max-restarts`)
 continues from the last checkpoint by itself (`runfiles.open_run_folder`).
 """
@@ -19,16 +21,22 @@ from typing import Optional
 
 import torch
 
+from uvclab.engine.checkpointing import StageCheckpoints
 from uvclab.engine.config import CompressConfig
 from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs_for_data
 from uvclab.engine.distill import kd_loss_fn
-from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, seeded_loader, set_seed,
-                                steps_per_epoch, train_one_epoch)
+from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, masked_top1, seeded_loader,
+                                set_seed, steps_per_epoch, train_one_epoch)
+from uvclab.engine.precision import TrainStep, maybe_compile, prepare_model
+from uvclab.engine.preempt import StopSignals, oom_guard
+from uvclab.engine.recipe import recipe_report, stage_recipe
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, open_run_folder, save_checkpoint
 from uvclab.engine.strategies import STRATEGIES, Job
 from uvclab.engine.teacher import load_teacher
 from uvclab.errors import UvclabError
 from uvclab.io_utils import atomic_write_text
+from uvclab.prune.calibration import calibration_batches
+from uvclab.prune.repair import repair
 from uvclab.paths import CHECKPOINT, METRICS, MODEL_DIR, REPORT, STRUCTURE, default_teacher
 from uvclab.ranks import rank, world
 from uvclab.version import __version__
@@ -99,6 +107,17 @@ def train_images(cfg: CompressConfig) -> Optional[int]:
     return epochs * cfg.max_steps_per_epoch * cfg.batch_size * world() if cfg.max_steps_per_epoch else None
 
 
+def repair_cut(cfg: CompressConfig, model, structure: Structure, splits, notes: dict) -> dict:
+    """The repair step between the structure and the export (`calibration.repair`, docs/method.md §11): the
+    cut's validation top-1 before it goes into `notes`, then the closed-form refit of the layers that read
+    pruned channels, in the gated model's weights (the export carries it). Returns the report's entry."""
+    if cfg.calibration.repair == "none":
+        return {"kind": "none"}
+    notes["val_top1_before_repair"] = masked_top1(model, structure, splits.val)
+    batches, n = calibration_batches(splits.train, cfg.calibration.samples, cfg.batch_size, cfg.seed * 100_003 - 2)
+    return repair(model, structure, batches, cfg.calibration.repair, cfg.calibration, samples=n)
+
+
 # ---- stage 2 -----------------------------------------------------------------------------------------
 
 def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: MetricsLog, ckpt: Optional[dict],
@@ -110,6 +129,14 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
     ddp_model = torch.nn.parallel.DistributedDataParallel(slim) if world() > 1 else slim
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
     opt, sched = adamw_with_schedule(slim, cfg.finetune_lr, cfg.weight_decay, epochs * steps, min(500, steps))
+    # issue 27: timm recipe (Mixup/CutMix, smoothing, image ops, EMA) and precision; all off by default
+    step_fn = TrainStep(cfg.run.amp, cfg.run.device, cfg.run.channels_last)
+    rec, data = stage_recipe(cfg, "finetune", splits, prepare_model(slim, cfg.run.channels_last))
+    ckpts = StageCheckpoints(cfg.run, out, log, "fine-tune", epochs, steps, lambda: {
+        "stage": "finetune", "model": slim.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        "best_val": best_val, "best_model": best_state, "start_val": start_val, "notes": notes,
+        "recipe": rec.state_dict(), "amp": step_fn.state_dict()})
+    start_step = 0
     if ckpt is None:
         start_val = evaluate(slim, splits.val)
         best_val, best_state, start = start_val, copy.deepcopy(slim.state_dict()), 0
@@ -118,23 +145,28 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
         slim.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
-        torch.set_rng_state(ckpt["rng"])
-        best_val, best_state, start, start_val = ckpt["best_val"], ckpt["best_model"], ckpt["epoch"], ckpt["start_val"]
-    loss_fn = kd_loss_fn(ddp_model, teacher, cfg.kd, cfg.kd_alpha, cfg.kd_tau, cfg.kd_reduction)
+        best_val, best_state, start_val = ckpt["best_val"], ckpt["best_model"], ckpt["start_val"]
+        start, start_step = ckpts.resume(ckpt)
+        if "recipe" in ckpt:
+            rec.load_state_dict(ckpt["recipe"])
+            step_fn.load_state_dict(ckpt["amp"])
+    loss_fn = rec.wrap_loss(kd_loss_fn(maybe_compile(ddp_model, cfg.run.compile), maybe_compile(teacher, cfg.run.compile),
+                                       cfg.kd, cfg.kd_alpha, cfg.kd_tau, cfg.kd_reduction, rec.criterion))
     for epoch in range(start, epochs):
-        loss = train_one_epoch(slim, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
-                                                   num_workers=cfg.run.num_workers),
-                               opt, sched, loss_fn, steps=steps, progress=cfg.run.progress,
-                               desc=f"fine-tune {epoch + 1}/{epochs}",
-                               on_nonfinite=nonfinite_stop("fine-tune", epoch, out / CHECKPOINT))
-        val = evaluate(slim, splits.val)
+        skip = start_step if epoch == start else 0  # a mid-epoch checkpoint: the steps already done
+        hook = ckpts.hook(epoch, lambda step, loss: rec.after_step(slim))  # EMA (None: no bar values)
+        train_one_epoch(slim, seeded_loader(data.train, cfg.batch_size, cfg.seed * 100_003 + 10_000 + epoch,
+                                            num_workers=cfg.run.num_workers, pin_memory=cfg.run.pin_memory,
+                                            skip_batches=skip),
+                        opt, sched, loss_fn, steps=steps, progress=cfg.run.progress, after_step=hook,
+                        desc=f"fine-tune {epoch + 1}/{epochs}", start=skip, step_fn=step_fn,
+                        on_nonfinite=nonfinite_stop("fine-tune", epoch, out / CHECKPOINT))
+        loss = ckpts.end_epoch()  # the whole epoch's mean loss, also when it was resumed mid-way
+        val = evaluate(rec.eval_model(slim), splits.val)  # with EMA: the averaged weights are validated and kept
         if val > best_val:
-            best_val, best_state = val, copy.deepcopy(slim.state_dict())
+            best_val, best_state = val, copy.deepcopy(rec.eval_model(slim).state_dict())
         log.write({"stage": "finetune_epoch", "epoch": epoch, "loss": loss, "val_top1": val, "best_val_top1": best_val})
-        save_checkpoint(out / CHECKPOINT, {"stage": "finetune", "epoch": epoch + 1, "model": slim.state_dict(),
-                                           "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                           "rng": torch.get_rng_state(), "best_val": best_val,
-                                           "best_model": best_state, "start_val": start_val, "notes": notes})
+        ckpts.save(epoch + 1)
     slim.load_state_dict(best_state)
     return slim.eval(), best_val, start_val
 
@@ -165,8 +197,14 @@ def _check_t2t_stem(cfg: CompressConfig, state: dict, out: Path) -> None:
 
 def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -> dict:
     """Run one method end to end; returns the report (also written to out/report.json).
-    resume: False, True or 'auto' (see `runfiles.resume_mode`); a torchrun restart continues by itself."""
-    out = Path(out)
+    resume: False, True or 'auto' (see `runfiles.resume_mode`); a torchrun restart continues by itself.
+    SIGTERM / SIGUSR1 end the run after the current step with a checkpoint and raise `Preempted` (the same
+    call with resume='auto' continues it); out of memory and a full disk raise a `UvclabError` naming the fix."""
+    with StopSignals(), oom_guard(Path(out) / CHECKPOINT):
+        return _compress(cfg, Path(out), resume)
+
+
+def _compress(cfg: CompressConfig, out: Path, resume: bool | str) -> dict:
     init_distributed(cfg.run.device)
     if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
         raise UvclabError("device='cuda' but no GPU is visible; use --set device=cpu.")
@@ -183,7 +221,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
     device = torch.device(cfg.run.device)
     model.to(device)
     teacher.to(device)
-    log = MetricsLog(out / METRICS, fresh=ckpt is None)
+    log = MetricsLog(out / METRICS, fresh=ckpt is None, resume_at=(ckpt or {}).get("metrics_bytes"))
     teacher_top1 = evaluate(teacher, splits.test)
     dense = count(model)
     table = None if cfg.budget_kind != "latency" else latency_build.latency_table(  # cached, or measured now
@@ -194,6 +232,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
     else:
         job = Job(cfg, model, teacher, splits, out, log, ckpt, table)
         structure, notes, ckpt = STRATEGIES[cfg.method](job), job.notes, None
+        notes["repair"] = repair_cut(cfg, model, structure, splits, notes)
         if rank() == 0:
             structure.save(out / STRUCTURE)
     slim = export_model(model, structure, cfg.layout).to(device)
@@ -210,7 +249,7 @@ def compress(cfg: CompressConfig, out: str | Path, resume: bool | str = False) -
               "blocks_kept": sum(b.keep for b in structure.blocks), "depth": structure.depth,
               "layout": cfg.layout, "train_images": train_images(cfg), "seconds": time.time() - t0,
               "world_size": world(), "val_samples": len(splits.val), "test_samples": len(splits.test),
-              "budget_kind": cfg.budget_kind, **notes}
+              "budget_kind": cfg.budget_kind, **notes, **recipe_report(cfg)}
     if table is not None:
         report.update(latency_report(table, model, structure, slim, cfg.layout, cfg.run.device))
     if rank() == 0:

@@ -20,7 +20,10 @@ from uvclab.errors import UvclabError, at_least_one, one_of
 from uvclab.io_utils import atomic_write_text
 from uvclab.engine.data import DATASETS
 from uvclab.engine.distill import KINDS as KD_KINDS, REDUCTIONS as KD_REDUCTIONS
+from uvclab.engine.precision import AMP_MODES
+from uvclab.engine.recipe import RecipeSettings
 from uvclab.engine.strategies import STRATEGIES
+from uvclab.prune.calibration import CalibrationSettings
 from uvclab.uvc.settings import UVCSettings
 
 BUDGET_KINDS = ("macs", "latency")
@@ -62,9 +65,21 @@ class RunSettings:
     threads: Optional[int] = None        # torch CPU threads (None: torch's default)
     num_workers: int = 0                 # DataLoader worker processes
     progress: bool = True                # tqdm bars
+    pin_memory: bool = False             # pinned host memory in the training loader (GPU runs)
+    amp: str = "none"                    # none | bf16 | fp16: autocast for forward + loss (fp16 adds a GradScaler);
+                                         # UVC's counts, duals and MACs / latency math stay float32
+    channels_last: bool = False          # NHWC input and patch-embedding weights
+    compile: bool = False                # torch.compile the fine-tuned model and the teacher (opt-in)
+    checkpoint_every_minutes: Optional[float] = 10.0  # also write checkpoint.pt inside epochs after this much
+                                         # time since the last write (null or 0: only at epoch ends)
+    checkpoint_every_steps: Optional[int] = None  # ... and after every N steps of a stage (null or 0: off)
 
     def __post_init__(self):
         at_least_one(self, ("threads",), "run.")
+        one_of(self, {"amp": AMP_MODES}, "run.")
+        if (self.checkpoint_every_minutes or 0) < 0 or (self.checkpoint_every_steps or 0) < 0:
+            raise UvclabError("run.checkpoint_every_minutes and run.checkpoint_every_steps must be >= 0 "
+                              "(0 or null: off).")
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,10 @@ class CompressConfig(YamlConfig):
     test_max_samples: Optional[int] = None  # cap on test images (None: the whole test split, for reported numbers)
     run: RunSettings = field(default_factory=RunSettings)  # how the job runs: device, threads, workers, bars
     uvc: UVCSettings = field(default_factory=UVCSettings)  # method uvc: the optimiser and its final structure
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)  # the repair of a cut and the
+                                         # images it, activation scores and Taylor importance calibrate on
+    recipe: RecipeSettings = field(default_factory=RecipeSettings)  # timm's training recipe (Mixup/CutMix,
+                                         # smoothing, RandAugment, erasing, EMA); `recipe.finetune`: stage 2's own
 
     def __post_init__(self):
         check_budget(self.macs_ratio)

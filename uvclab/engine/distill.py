@@ -6,11 +6,12 @@ The reference divides the summed KL by `logits.numel()` (B x classes): on ImageN
 1000x weaker than a per-sample KL. `reduction="numel"` reproduces it; the default "batchmean" divides by B.
 A DeiT distilled student in training mode returns `(cls_logits, dist_logits)`: the label loss trains the
 class token, KD trains the distillation token (method doc section 4). `kd_loss_fn` closes over a student and
-its teacher for the training loop.
+its teacher for the training loop. With Mixup/CutMix the labels are soft (B, K) targets and `criterion` is
+timm's SoftTargetCrossEntropy; the teacher gets the same mixed images (4.1).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,13 @@ def hard_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 def distillation_loss(outputs: Logits, labels: torch.Tensor, teacher_logits: Optional[Logits] = None,
                       kind: str = "soft", alpha: float = 0.5, tau: float = 1.0, reduction: str = "batchmean",
-                      label_smoothing: float = 0.0) -> torch.Tensor:
+                      label_smoothing: float = 0.0, criterion: Optional[Callable] = None) -> torch.Tensor:
     """(1 - alpha) * CE(outputs, labels) + alpha * KD; `kind="none"` is the plain CE.
 
     outputs: (B, K) logits, or (cls_logits, dist_logits) from a DeiT distilled model in training mode.
     labels: (B,) class indices or (B, K) soft targets (Mixup/CutMix). teacher_logits: (B, K); a teacher
-    tuple is averaged like timm's inference.
+    tuple is averaged like timm's inference. criterion(logits, labels): the label loss in place of CE (the
+    recipe's SoftTargetCrossEntropy / LabelSmoothingCrossEntropy; `label_smoothing` then does not apply).
     """
     if kind not in KINDS:
         raise UvclabError(f"Unknown distillation kind '{kind}'; choose one of {KINDS}.")
@@ -54,7 +56,8 @@ def distillation_loss(outputs: Logits, labels: torch.Tensor, teacher_logits: Opt
         raise UvclabError(f"alpha={alpha} must be in [0, 1] (the weight of the distillation term).")
     _check_tau_reduction(tau, reduction)
     cls_logits, kd_logits = outputs if isinstance(outputs, (tuple, list)) else (outputs, outputs)
-    base = F.cross_entropy(cls_logits, labels, label_smoothing=label_smoothing)
+    base = (F.cross_entropy(cls_logits, labels, label_smoothing=label_smoothing) if criterion is None
+            else criterion(cls_logits, labels))
     if kind == "none":
         return base
     if teacher_logits is None:
@@ -80,10 +83,12 @@ def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def kd_loss_fn(model: torch.nn.Module, teacher: torch.nn.Module, kind: str = "soft", alpha: float = 0.5,
-               tau: float = 1.0, reduction: str = "batchmean"):
-    """loss(x, y): the distillation loss of `model` against the frozen `teacher` (config kd, kd_alpha, ...)."""
+               tau: float = 1.0, reduction: str = "batchmean", criterion=None):
+    """loss(x, y): the distillation loss of `model` against the frozen `teacher` (config kd, kd_alpha, ...), on
+    the same x (with Mixup, `Recipe.wrap_loss` mixes x before this runs). criterion: the label loss (None: CE)."""
     def loss(x, y):
         with torch.no_grad():
             t = teacher(x)
-        return distillation_loss(model(x), y, t, kind=kind, alpha=alpha, tau=tau, reduction=reduction)
+        return distillation_loss(model(x), y, t, kind=kind, alpha=alpha, tau=tau, reduction=reduction,
+                                 criterion=criterion)
     return loss

@@ -8,6 +8,7 @@ Follows timm's `train_one_epoch` / `validate` split; parameter groups come from 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -15,11 +16,13 @@ import time
 import uuid
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
 from tqdm.auto import tqdm
 
+from uvclab.engine.precision import TrainStep
 from uvclab.errors import UvclabError
 from uvclab.ranks import rank, world
 from uvclab.vit.structure import Structure, masked
@@ -87,24 +90,46 @@ def _attempt_prefix(store: dist.Store, rank_: int, world_: int) -> str:
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed)  # timm's Mixup/CutMix and RandAugment draw from numpy's global RNG
     torch.manual_seed(seed)
 
 
 # ---- data order -----------------------------------------------------------------------------------
 
 def seeded_loader(dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0,
-                  drop_last: Optional[bool] = None) -> torch.utils.data.DataLoader:
+                  drop_last: Optional[bool] = None, skip_batches: int = 0,
+                  pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Shuffle order fixed by `seed` alone (a resumed epoch sees the same batches); under torchrun each rank
-    gets its shard (DistributedSampler). drop_last defaults to `shuffle` (training drops the ragged batch)."""
+    gets its shard (DistributedSampler). drop_last defaults to `shuffle` (training drops the ragged batch).
+    skip_batches: start after that many batches of the same order (a mid-epoch resume; nothing is loaded)."""
     drop_last = shuffle if drop_last is None else drop_last
     if world() > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                           num_workers=num_workers, drop_last=drop_last)
+        # a generator of its own: without one the loader draws its base seed from the global RNG (the Gumbel
+        # noise's), at a place in the random stream a mid-epoch resume would not reproduce
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=SkipSampler(
+            sampler, skip_batches * batch_size), num_workers=num_workers, drop_last=drop_last,
+            generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory)
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
-                                       num_workers=num_workers, drop_last=drop_last,
-                                       persistent_workers=num_workers > 0)
+    # what DataLoader(shuffle=True, generator=g) builds, so the order is the same with and without a skip
+    sampler = torch.utils.data.RandomSampler(dataset, generator=g) if shuffle else \
+        torch.utils.data.SequentialSampler(dataset)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=SkipSampler(
+        sampler, skip_batches * batch_size), generator=g, num_workers=num_workers, drop_last=drop_last,
+        persistent_workers=num_workers > 0, pin_memory=pin_memory)
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """A sampler's indices after the first `skip` (drawn, not loaded: the same generator calls as in full)."""
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
 
 
 def steps_per_epoch(dataset, batch_size: int, cap: Optional[int] = None) -> int:
@@ -147,33 +172,32 @@ def train_one_epoch(model: torch.nn.Module, loader, opt, sched, loss_fn: Callabl
                     desc: str = "train", progress: bool = True, clip_grad: Optional[float] = 1.0,
                     after_step: Optional[Callable[[int, torch.Tensor], Optional[dict]]] = None,
                     on_nonfinite: Optional[Callable[[int, torch.Tensor], None]] = None,
-                    log: Optional[Callable[[str], None]] = None) -> float:
-    """One pass of at most `steps` batches; returns the mean loss.
+                    log: Optional[Callable[[str], None]] = None, start: int = 0, step_fn=None) -> float:
+    """One pass of at most `steps` batches; returns the mean loss (of the steps run here).
 
     loss_fn(x, y) -> scalar loss (it runs the forward pass: gates, teacher, distillation are the caller's).
     after_step(step, loss) runs after the optimiser and scheduler step and may return values for the
     progress bar. on_nonfinite(step, loss) is called before a non-finite loss is back-propagated (it should
-    raise). Without progress bars, `log` gets a line every quarter epoch (background runs)."""
+    raise). Without progress bars, `log` gets a line every quarter epoch (background runs).
+    start: the steps of this epoch already done (a mid-epoch resume; `loader` starts after them).
+    step_fn: a `precision.TrainStep` (autocast forward + loss, scaled backward, clip, step); None: float32."""
     model.train()
     device = next(model.parameters()).device
+    step_fn = step_fn or TrainStep(device=device)
     total, n = 0.0, 0
     show = progress and rank() == 0
-    bar = tqdm(loader, total=steps, desc=desc, leave=False, disable=not show)
-    for step, (x, y) in enumerate(bar):
+    bar = tqdm(loader, total=steps, initial=start, desc=desc, leave=False, disable=not show)
+    for step, (x, y) in enumerate(bar, start=start):
         if step >= steps:
             break
-        x, y = x.to(device), y.to(device)
-        loss = loss_fn(x, y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = step_fn.loss(loss_fn, x, y)
         if not torch.isfinite(loss):
             if on_nonfinite is not None:
                 on_nonfinite(step, loss)
             raise UvclabError(f"Non-finite loss ({loss.item()}) at {desc} step {step}; lower the learning rate.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        opt.step()
-        sched.step()
+        step_fn.update(loss, model, opt, clip_grad)  # zero_grad, backward, clip, optimiser step
+        sched.step()  # outside autocast, like after_step (UVC's float32 dual / count updates)
         extra = after_step(step, loss) if after_step is not None else None
         total, n = total + loss.item(), n + 1
         bar.set_postfix(loss=f"{loss.item():.3f}", **(extra or {}))

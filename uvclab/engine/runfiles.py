@@ -1,7 +1,8 @@
 """The run folder: opening it (new run, resume, torchrun restart), the atomic checkpoint, the metrics log.
 
-`checkpoint.pt` is written atomically (rank 0) after every epoch and read with `weights_only=True`, so a
-killed run resumes and a corrupt file is a clear error; `metrics.jsonl` gets one JSON record per step/epoch.
+`checkpoint.pt` is written atomically (rank 0) after every epoch and inside epochs (`engine.checkpointing`)
+and read with `weights_only=True`, so a killed run resumes and a corrupt file is a clear error;
+`metrics.jsonl` gets one JSON record per step/epoch and is cut back to the checkpoint's length on resume.
 Under torchrun rank 0 alone decides what to do with the folder and writes it; every rank then reads the
 checkpoint and checks that all read the same bytes (the folder must be shared between nodes).
 """
@@ -18,28 +19,41 @@ import torch
 
 from uvclab.engine.loop import job_store, restart_count
 from uvclab.errors import UvclabError
-from uvclab.io_utils import atomic_write
+from uvclab.io_utils import atomic_write, check_writable, disk_full, is_disk_full, payload_bytes
 from uvclab.paths import CHECKPOINT, CONFIG, REPORT
 from uvclab.ranks import from_rank0, rank, same_on_all_ranks
 
 
 class MetricsLog:
-    """Append-only JSON lines, written by rank 0 only."""
+    """Append-only JSON lines, written by rank 0 only. `resume_at` (a checkpoint's `metrics_bytes`) cuts off
+    the records written after that checkpoint, which the resumed run writes again."""
 
-    def __init__(self, path: Path, fresh: bool = False):
+    def __init__(self, path: Path, fresh: bool = False, resume_at: Optional[int] = None):
         self.path = Path(path)
         if fresh and rank() == 0 and self.path.exists():
             self.path.unlink()
+        if resume_at is not None and rank() == 0 and self.path.exists() and self.size() > resume_at:
+            with open(self.path, "r+b") as f:
+                f.truncate(resume_at)
+
+    def size(self) -> int:
+        return self.path.stat().st_size if rank() == 0 and self.path.exists() else 0
 
     def write(self, record: dict) -> None:
         if rank() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line)
+            except OSError as e:  # a full disk: one clear line (a partial record is cut off on resume)
+                if is_disk_full(e, self.path, len(line)):
+                    raise disk_full(self.path, len(line)) from e
+                raise
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     if rank() == 0:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp), size=payload_bytes(state))
 
 
 def load_checkpoint(path: Path, data: Optional[bytes] = None) -> dict:
@@ -100,7 +114,7 @@ def _plan(cfg, out: Path, mode: str) -> dict:
         if type(cfg).load(out / CONFIG).to_dict() != cfg.to_dict():
             raise UvclabError(f"--resume with a different config than the one saved in '{out}/config.yaml'; "
                               "resume with the same settings, or start a new --out folder.")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # a read-only folder: a clear error now, not after the first epoch
     for tmp in out.glob(".*.tmp"):  # left by a worker killed mid-write (io_utils.atomic_write)
         tmp.unlink()
     cfg.save(out / CONFIG)

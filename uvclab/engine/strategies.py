@@ -4,7 +4,7 @@ primal-dual search over the training loop (`search`) and its `uvclab.uvc.final_s
 teacher's weights in one shot: `magnitude` (global magnitude structured pruning), `uniform` (the same kept
 fraction in every block), `depth` (drop whole blocks, greedily by validation accuracy), `torch_pruning`
 (Torch-Pruning's global group Taylor pruning as a Structure), `isomorphic` (its Isomorphic Pruning ranking,
-Fang et al., ECCV 2024). A new method is a function of a `Job` and one line in `STRATEGIES`."""
+Fang et al., ECCV 2024), `activation` (weight x input-activation norms, ranked per MAC). A new method is a function of a `Job` and one line in `STRATEGIES`."""
 from __future__ import annotations
 
 import copy
@@ -15,13 +15,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from uvclab.engine.checkpointing import StageCheckpoints
 from uvclab.engine.distill import kd_loss_fn
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, masked_top1, seeded_loader, steps_per_epoch,
                                 train_one_epoch)
-from uvclab.engine.runfiles import MetricsLog, nonfinite_stop, save_checkpoint
+from uvclab.engine.precision import TrainStep, maybe_compile, prepare_model
+from uvclab.engine.recipe import stage_recipe
+from uvclab.engine.runfiles import MetricsLog, nonfinite_stop
 from uvclab.io_utils import atomic_write_text
 from uvclab.paths import CHECKPOINT, UVC_STATE
 from uvclab.prune import baselines
+from uvclab.prune.activation import activation_structure
+from uvclab.prune.calibration import calibration_batches
 from uvclab.ranks import rank, world
 from uvclab.uvc import UVCPrimalDual, current_structure, final_structure
 from uvclab.vit.latency import LatencyTable
@@ -55,15 +60,26 @@ def search(job: Job) -> UVCPrimalDual:
     uvc = UVCPrimalDual.for_search(model, cfg.uvc, cfg.macs_ratio, job.latency, cfg.layout,
                                    total_epochs=cfg.search_epochs, total_steps=cfg.search_epochs * steps)
     opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
-    start = 0
+    rec, data = stage_recipe(cfg, "search", splits)  # timm's recipe (Mixup/CutMix, smoothing, ...): off by default
+    step_fn = TrainStep(cfg.run.amp, cfg.run.device, cfg.run.channels_last)
+    prepare_model(model, cfg.run.channels_last), prepare_model(job.teacher, cfg.run.channels_last)
+    ckpts = StageCheckpoints(cfg.run, out, log, "search", epochs, steps, lambda: {
+        "stage": "search", "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        "uvc": uvc.state_dict(), "uvc_last": uvc.last, "recipe": rec.state_dict(), "amp": step_fn.state_dict()})
+    start, start_step = 0, 0
     if ckpt is not None and ckpt["stage"] == "search":
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         uvc.load_state_dict(ckpt["uvc"])
-        torch.set_rng_state(ckpt["rng"])
-        start = ckpt["epoch"]
-    kd = kd_loss_fn(ddp_model, job.teacher, cfg.kd, cfg.kd_alpha, cfg.kd_tau, cfg.kd_reduction)
+        uvc.last = ckpt.get("uvc_last", {})
+        start, start_step = ckpts.resume(ckpt)
+        if "recipe" in ckpt:
+            rec.load_state_dict(ckpt["recipe"])
+            step_fn.load_state_dict(ckpt["amp"])
+    # the gated student is not compiled (its gates change between steps); the frozen teacher may be
+    kd = rec.wrap_loss(kd_loss_fn(ddp_model, maybe_compile(job.teacher, cfg.run.compile), cfg.kd, cfg.kd_alpha,
+                                  cfg.kd_tau, cfg.kd_reduction, rec.criterion))
     for epoch in range(start, epochs):
         warm = epoch < cfg.warmup_epochs
 
@@ -71,25 +87,27 @@ def search(job: Job) -> UVCPrimalDual:
             uvc.set_model_gates(uvc.gate_sample(warmup=warm))
             return kd(x, y)
 
-        def after_step(step, loss):
-            rec = uvc.step(opt.param_groups[0]["lr"], epoch, warm)
-            log.write({"stage": "search", "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **rec})
-            return {"R": f"{rec['R']:.3f}", "z": f"{rec['z']:.2g}"}
+        def after_step(step, loss):  # outside autocast: the dual / count updates and R stay float32
+            r = uvc.step(opt.param_groups[0]["lr"], epoch, warm)
+            log.write({"stage": "search", "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **r})
+            return {"R": f"{r['R']:.3f}", "z": f"{r['z']:.2g}"}
 
-        train_one_epoch(model, seeded_loader(splits.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
-                                             num_workers=cfg.run.num_workers),
-                        opt, sched, loss_fn, steps=steps, progress=cfg.run.progress, after_step=after_step,
+        skip = start_step if epoch == start else 0  # a mid-epoch checkpoint: the steps already done
+        train_one_epoch(model, seeded_loader(data.train, cfg.batch_size, cfg.seed * 100_003 + epoch,
+                                             num_workers=cfg.run.num_workers, pin_memory=cfg.run.pin_memory,
+                                             skip_batches=skip),
+                        opt, sched, loss_fn, steps=steps, progress=cfg.run.progress,
+                        after_step=ckpts.hook(epoch, after_step), step_fn=step_fn, start=skip,
                         desc=f"search {epoch + 1}/{epochs}" + (" (warm-up)" if warm else ""),
                         on_nonfinite=nonfinite_stop("search", epoch, out / CHECKPOINT))
+        ckpts.end_epoch()
         uvc.set_model_gates(None)
         st = current_structure(uvc)
         val = masked_top1(model, st, splits.val)
         log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
                    "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
                    "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})
-        save_checkpoint(out / CHECKPOINT, {"stage": "search", "epoch": epoch + 1, "model": model.state_dict(),
-                                           "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                           "uvc": uvc.state_dict(), "rng": torch.get_rng_state()})
+        ckpts.save(epoch + 1)
     return uvc
 
 
@@ -131,8 +149,21 @@ def torch_pruning(job: Job, isomorphic: bool = False) -> Structure:
     plain = copy.deepcopy(job.teacher)                 # a plain timm model with the student's weights
     plain.load_state_dict(job.model.state_dict())
     plain.requires_grad_(True)
-    calib = [b for _, b in zip(range(4), seeded_loader(job.splits.train, cfg.batch_size, cfg.seed * 100_003 - 1))]
+    calib, job.notes["calibration_samples"] = calibration(job, shard=False)  # the same images on every rank
     return torch_pruning_structure(plain, cfg.macs_ratio, calib, isomorphic=isomorphic)
+
+
+def calibration(job: Job, shard: bool = True):
+    """(batches, images): `calibration.samples` training images (Isomorphic Pruning ranks with 3,200), drawn with
+    a seed of their own; `shard`: each torchrun rank takes its share (statistics are summed over ranks)."""
+    return calibration_batches(job.splits.train, job.cfg.calibration.samples, job.cfg.batch_size,
+                               job.cfg.seed * 100_003 - 1, shard=shard)
+
+
+def activation(job: Job) -> Structure:
+    """Structured activation-aware cut (Wanda / FLAP analogue, docs/method.md §11): per MAC, globally."""
+    batches, job.notes["calibration_samples"] = calibration(job)
+    return activation_structure(job.model, job.cfg.macs_ratio, batches, job.cfg.layout, job.cfg.budget_slack)
 
 
 # method name -> strategy (the benchmark's table order: UVC, then the one-shot methods)
@@ -143,4 +174,5 @@ STRATEGIES: dict[str, Callable[[Job], Structure]] = {
     "torch_pruning": torch_pruning,
     "isomorphic": lambda job: torch_pruning(job, isomorphic=True),
     "depth": depth,
+    "activation": activation,
 }

@@ -6,8 +6,12 @@
   uvclab compress [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume [auto]]
   uvclab latency-table MODEL [--batch-size B] [--threads T] [--device D] [--rebuild] [--json]
   uvclab teacher [CONFIG.yaml] --model NAME --dataset NAME [--set key=value ...] --out STEM
+  uvclab runs [ROOT] [--json]            one row per finished run folder under ROOT (default: the runs folder)
+  uvclab show RUN_DIR [--json]           one run: its report, structure per block, files
 Every `--set` / `--model-arg` goes through the one parser (`uvclab.engine.config.parse_overrides`).
-User mistakes (UvclabError) print one clear message, no traceback, exit code 2.
+User mistakes (UvclabError) print one clear message, no traceback, exit code 2. A `compress` stopped by
+SIGTERM / SIGUSR1 (after the current step, with a checkpoint) prints one line and exits with 75
+(EX_TEMPFAIL, `Preempted.exit_status`): run the same command with --resume to continue.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Optional
 
 from uvclab.engine.config import parse_overrides
 from uvclab.engine.strategies import STRATEGIES
-from uvclab.errors import UvclabError
+from uvclab.errors import Preempted, UvclabError
 
 
 def _model_kwargs(args) -> dict:
@@ -138,16 +142,73 @@ def cmd_compress(args) -> None:
 
 def compress_summary(report: dict, out: Path) -> str:
     name = "UVC" if report["method"] == "uvc" else report["method"]
+    kind = "latency" if report.get("budget_kind") == "latency" else "MACs"
     return "\n".join([
-        f"{name} on {report['dataset']} ({report['model']['name']}), budget {report['budget']:.2f} of dense MACs",
+        f"{name} on {report['dataset']} ({report['model']['name']}), budget {report['budget']:.2f} of dense {kind}",
         f"  MACs    {report['macs']:,} / {report['dense_macs']:,} = {report['macs_ratio']:.3f}",
         f"  params  {report['params']:,} / {report['dense_params']:,} = {report['params_ratio']:.3f}",
         f"  blocks  {report['blocks_kept']} of {report['depth']} kept",
-        f"  top-1   {report['top1']:.2f} % (teacher {report['teacher_top1']:.2f} %), chosen on validation "
-        f"({report['val_top1']:.2f} %; {report['val_top1_before_finetune']:.2f} % before fine-tuning)",
+        f"  top-1   {report['top1']:.2f} % on {_images(report, 'test_samples')} test images (teacher "
+        f"{report['teacher_top1']:.2f} % on the same images)",
+        f"  val     {report['val_top1']:.2f} % on {_images(report, 'val_samples')} validation images (the epoch "
+        f"kept); {report['val_top1_before_finetune']:.2f} % before fine-tuning",
         f"  time    {report['seconds']:.0f} s;  run folder: {out}  (uvclab.load_pruned('{out / 'model'}'))",
         "  " + json.dumps({k: report[k] for k in ("top1", "teacher_top1", "macs_ratio", "params_ratio")}),
     ])
+
+
+def _images(report: dict, key: str) -> str:
+    n = report.get(key)
+    return f"{n:,}" if isinstance(n, int) else "?"      # reports before uvclab 0.2 lack the sizes
+
+
+def cmd_runs(args) -> None:
+    from uvclab.compare.runs import runs_table
+    from uvclab.paths import runs_dir
+    df = runs_table(args.root)
+    if args.json:
+        records = df.astype(object).where(df.notna(), None).to_dict(orient="records")    # NaN -> null
+        print(json.dumps(records, default=lambda x: x.item()))                             # numpy scalars
+        return
+    if not len(df):
+        print(f"no finished runs under {args.root or runs_dir()}")
+        return
+    import pandas as pd
+    fmt = lambda x, f: "-" if x is None or x != x else f.format(x)  # noqa: E731  (missing / NaN: "-")
+    table = pd.DataFrame({"run": df.run, "method": df.method, "budget": [f"{fmt(b, '{:.2f}')} {k if k == k else 'macs'}"
+                                                                     for b, k in zip(df.budget, df.budget_kind)],
+                      "seed": [fmt(x, "{:.0f}") for x in df.seed], "top-1 %": [fmt(x, "{:.2f}") for x in df.top1],
+                      "test imgs": [fmt(x, "{:,.0f}") for x in df.test_samples],
+                      "MACs": [fmt(x, "{:.3f}") for x in df.macs_ratio],
+                      "latency": [fmt(x, "{:.3f}") for x in df.latency_ratio_measured],
+                      "time s": [fmt(x, "{:.0f}") for x in df.seconds]})
+    print(table.to_string(index=False))
+    print(f"{len(df)} runs under {args.root or runs_dir()}; MACs and latency: fraction of dense (latency: measured, "
+          "latency budgets only); `uvclab show RUN` for one run")
+
+
+def cmd_show(args) -> None:
+    import pandas as pd
+    from uvclab.compare.runs import run_details
+    d = run_details(args.run_dir)
+    if args.json:
+        print(json.dumps(d))
+        return
+    r, s = d["report"], d["structure"]
+    print(compress_summary(r, Path(d["path"])).split("\n  {")[0])   # the summary without its JSON line
+    if r.get("latency_ratio_measured") is not None:
+        print(f"  latency {r['latency_ratio_measured']:.3f} of dense measured ({r['latency_ms']:.2f} / "
+              f"{r['dense_latency_ms']:.2f} ms, batch {r['latency_batch_size']}), {r['latency_ratio_predicted']:.3f} "
+              "predicted")
+    if s:
+        H, Dh, M = s["num_heads"], s["head_dim"], s["mlp_hidden"]
+        rows = [{"block": b["block"], "heads": f"{b['heads']}/{H}", "v dims": f"{b['v_dims']}/{H * Dh}",
+                 "MLP neurons": f"{b['mlp']}/{M}", "skipped": b["skipped"] or "-"} for b in s["blocks"]]
+        print("\nstructure (kept / dense, per block):\n" + pd.DataFrame(rows).to_string(index=False))
+    print("\nfiles:\n" + "\n".join(f"  {Path(d['path']) / f}" for f in d["files"]))
+    if d["figures"]:
+        print("figures:\n" + "\n".join(f"  {Path(d['path']) / f}" for f in d["figures"]))
+    print("\nreport.json:\n" + "\n".join(f"  {k}: {json.dumps(v)}" for k, v in r.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted run in --out; `--resume auto`: continue if there is one, else "
                         "start (under torchrun a restart continues by itself)")
     q.set_defaults(func=cmd_compress)
+    q = sub.add_parser("runs", help="one row per finished run folder: method, budget, seed, top-1 (test images), "
+                       "MACs, latency, time")
+    q.add_argument("root", nargs="?", help="folder searched at any depth (default: $UVCLAB_RUNS or ./runs)")
+    q.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
+    q.set_defaults(func=cmd_runs)
+    q = sub.add_parser("show", help="one run folder: its report, the structure per block, its files")
+    q.add_argument("run_dir", help="a run folder of `uvclab compress`")
+    q.add_argument("--json", action="store_true", help="print one JSON object (report, structure, files)")
+    q.set_defaults(func=cmd_show)
     q = sub.add_parser("teacher", help="train a ViT teacher from scratch", add_help=False)
     q.set_defaults(func=None)
     return p
@@ -274,6 +344,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         args = build_parser().parse_args(argv)
         args.func(args)
+    except Preempted as e:
+        from uvclab.engine.loop import rank
+        if rank() == 0:
+            print(f"uvclab: {e}", file=sys.stderr, flush=True)
+        return Preempted.exit_status
     except UvclabError as e:
         print(f"uvclab: error: {e}", file=sys.stderr)
         return 2

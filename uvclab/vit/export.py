@@ -21,7 +21,7 @@ from torch import nn
 from uvclab.version import __version__
 from uvclab.vit.macs import DEFAULT_LAYOUT, Layout, count_exported, head_widths
 from uvclab.errors import UvclabError
-from uvclab.io_utils import atomic_write, atomic_write_text
+from uvclab.io_utils import atomic_write, atomic_write_text, payload_bytes
 from uvclab.vit.structure import BlockStructure, Structure
 
 
@@ -137,7 +137,8 @@ def save_pruned(model: nn.Module, path: str | Path, extra: Optional[dict] = None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}),
+                 size=payload_bytes(sd))
     card = {"uvclab_version": __version__, **meta, **count_exported(model), **(extra or {})}
     atomic_write_text(path / "uvclab.json", json.dumps(card, indent=1))
     return path
