@@ -32,12 +32,15 @@ VARIANTS = {  # benchmark label -> config overrides; every label runs through th
        for a in ("uvc", "no_kd", "prune_only", "skip_only")},
     "uvc_gates": {"method": "uvc", "uvc.gating_weight": 1.0},   # skip gates strong enough to decide (see README)
     **{m: {"method": m} for m in STRATEGIES if m != "uvc"},   # every one-shot method of the strategy table
+    **{f"{m}_lstsq": {"method": m, "repair": "lstsq"}         # ... and each with the least-squares repair
+       for m in STRATEGIES if m not in ("uvc", "depth")},      # (depth keeps whole blocks: nothing to refit)
+    "uvc_lstsq": {"method": "uvc", "repair": "lstsq"},         # UVC's final cut repaired before fine-tuning
 }
 UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
 ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)
 METHODS = tuple(VARIANTS)
 COLUMNS = ["method", "budget", "macs_ratio", "params_ratio", "top1", "teacher_top1", "speedup", "ort_speedup", "seed",
-           "val_top1", "val_top1_before_finetune", "search_end_macs_ratio", "macs_ratio_calculator", "blocks_kept",
+           "val_top1", "val_top1_before_finetune", "repair", "val_top1_before_repair", "search_end_macs_ratio", "macs_ratio_calculator", "blocks_kept",
            "train_images", "seconds"]
 
 
@@ -220,6 +223,7 @@ def results_table(runs: str | Path) -> pd.DataFrame:
         for col, name in (("speedup", "speed.json"), ("ort_speedup", "ort_speed.json")):
             sp = rep.parent / name
             r[col] = json.loads(sp.read_text())["speedup"] if sp.exists() else float("nan")
+        r["repair"] = (r.get("repair") or {}).get("kind", "none")  # runs before the repair step: none
         rows.append({c: r.get(c) for c in COLUMNS})
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["method"] = pd.Categorical(df["method"], categories=METHODS)  # table order: UVC variants, then baselines
