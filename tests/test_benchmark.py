@@ -82,7 +82,10 @@ def test_extra_seeds_for_every_listed_method(tmp_path, monkeypatch):
     assert batches[0] == sorted((m, b, 0) for m in protocol.methods for b in (0.5, 0.3))
     assert batches[1] == sorted((m, b, s) for m in ("uvc", "magnitude") for b in (0.5, 0.3) for s in (1, 2))
     assert protocol.base_config("magnitude", 0.5, 1).uvc == protocol.base_config("uniform", 0.3, 0).uvc  # unused
-    assert ONE_SHOT_METHODS == tuple(m for m in STRATEGIES if m != "uvc")  # the one table of methods
+    one_shot = tuple(m for m in STRATEGIES if m != "uvc")  # the one table of methods, each also with lstsq repair
+    assert ONE_SHOT_METHODS == one_shot + tuple(f"{m}_lstsq" for m in one_shot if m != "depth")
+    assert protocol.base_config("magnitude_lstsq", 0.3, 0).calibration.repair == "lstsq"
+    assert protocol.base_config("magnitude", 0.3, 0).calibration.repair == "none"
 
 
 def test_unknown_method_is_a_clear_error():
