@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from uvclab.uvc.importance import FisherScores, budget_target, mix_scores
 from uvclab.uvc.ops import least_sum, nupi_error, per_mac, projected_sgd, selected_mask, ste_ceil
 from uvclab.uvc.settings import UVCSettings
 from uvclab.vit.latency import LatencyTable
@@ -112,6 +113,9 @@ class UVCPrimalDual:
         self.total_epochs = total_epochs
         self.total_steps = total_steps          # search steps after warm-up (the budget schedule's length)
         self.last: dict = {}
+        # issue 25: loss-aware group scores ('fisher*'), accumulated from the task gradients in every step
+        self.fisher = (FisherScores(model.blocks, H, self.shape.head_dim, settings.score_ema)
+                       if settings.group_score.startswith("fisher") else None)
 
     # the state's tensors, by their paper names
     s = property(lambda self: self.state.s, lambda self, v: setattr(self.state, "s", v))
@@ -128,11 +132,18 @@ class UVCPrimalDual:
                 torch.ones(L, H, device=dev))
 
     # ---- group scores (vectorised) -----------------------------------------------------------------
-    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scores(self, kind: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dim (L, H, Dh), head (L, H), neuron (L, M) squared L2 norms of proj / fc2 input columns ('proj'), or
-        of all the group's weights ('group')."""
+        of all the group's weights ('group'); 'fisher*': the loss-aware scores of `uvc.importance` (the
+        'group' norms until the first batch's gradients have been seen). kind: uvc.group_score by default."""
         H, Dh = self.shape.num_heads, self.shape.head_dim
-        if self.cfg.group_score == "group":
+        kind = kind or self.cfg.group_score
+        if kind.startswith("fisher"):
+            fisher, norm = self.fisher.scores(), self.scores("group")
+            if fisher is None:
+                return norm
+            return fisher if kind == "fisher" else mix_scores(fisher, norm)
+        if kind == "group":
             dims, heads, neurons = [], [], []
             for b in self.model.blocks:
                 qkv = b.attn.qkv.weight.detach().float().pow(2).sum(1).view(3, H, Dh)   # (3, H, Dh) row norms
@@ -218,7 +229,7 @@ class UVCPrimalDual:
         col = col * head_scale
         sel_neurons = selected_mask(neurons, s_hat[:, 1])                      # (L, M)
         neuron_scale = 1 / (1 + 2 * lr * self.y[:, 1, None] * sel_neurons)
-        whole = self.cfg.group_score == "group"  # shrink every weight of the group, not only the proj / fc2 side
+        whole = self.cfg.group_score != "proj"  # shrink every weight of the group, not only the proj / fc2 side
         for l, blk in enumerate(self.model.blocks):
             blk.attn.proj.weight.mul_(col[l].reshape(1, -1).to(blk.attn.proj.weight.dtype))
             blk.mlp.fc2.weight.mul_(neuron_scale[l][None].to(blk.mlp.fc2.weight.dtype))
@@ -231,6 +242,8 @@ class UVCPrimalDual:
     def step(self, lr: float, epoch: int, warmup: bool) -> dict:
         """The UVC update after the weight step at learning rate `lr`; returns a log record."""
         st = self.state
+        if self.fisher is not None:  # the task gradients of this batch are still in .grad (before the prox step)
+            self.fisher.update(_Collective.mean_)
         self.proximal_step(lr)
         st.global_step += 1
         if warmup:
@@ -308,11 +321,8 @@ class UVCPrimalDual:
 
     def target(self) -> float:
         """The budget the counts chase at this search step: B, or the linear walk 1.0 -> B (budget_schedule)."""
-        frac = self.cfg.budget_schedule
-        if frac <= 0 or not self.total_steps:
-            return self.budget
-        t = min(1.0, self.state.search_step / max(1.0, frac * self.total_steps))
-        return 1.0 - (1.0 - self.budget) * t
+        return budget_target(self.state.search_step, self.total_steps, self.budget, self.cfg.budget_schedule,
+                             self.cfg.budget_curve)
 
     def _count_scale(self, upper: torch.Tensor) -> Optional[torch.Tensor]:
         """'per_range': step on the kept *fraction* (grad x range, step x range), so that heads, dims and
@@ -342,8 +352,11 @@ class UVCPrimalDual:
 
     # ---- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**self.state.state_dict(), "gate_opt": self.gate_opt.state_dict()}
+        sd = {**self.state.state_dict(), "gate_opt": self.gate_opt.state_dict()}
+        return sd if self.fisher is None else {**sd, "fisher": self.fisher.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.state.load_state_dict(sd)
         self.gate_opt.load_state_dict(sd["gate_opt"])
+        if self.fisher is not None:
+            self.fisher.load_state_dict(sd["fisher"])

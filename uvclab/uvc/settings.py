@@ -49,7 +49,11 @@ class UVCSettings:
     group_score: str = "group"          # what ranks (and the prox step shrinks) a group: 'proj' (reference: squared
                                         # norm of attn.proj / fc2 input columns) or 'group' (all its weights: q, k,
                                         # v rows + proj columns of a head, v row + proj column of a dim, fc1 row +
-                                        # fc2 column of a neuron; comparable across group types)
+                                        # fc2 column of a neuron; comparable across group types), 'fisher'
+                                        # (loss-aware: EMA of the squared mask gradient sum(w dL/dw) over the
+                                        # same group, accumulated over the search's own batches; uvc.importance)
+                                        # or 'fisher_norm' (sqrt(fisher x 'group'))
+    score_ema: float = 0.9              # 'fisher*': EMA decay of the squared mask gradients per step (bias-corrected)
     count_grad: str = "importance"      # sparsity term of the count gradient: 'dual' (reference: per-layer dual
                                         # y_l x next group's score) or 'importance' (one shared multiplier x next
                                         # group's score / total score of all heads + neurons, per MAC saved: counts
@@ -57,6 +61,7 @@ class UVCSettings:
                                         # only the prox shrinkage)
     budget_schedule: float = 0.5        # fraction of the search steps over which the target walks linearly from
                                         # 1.0 down to B (then holds B); 0: the target is B from the start (reference)
+    budget_curve: str = "linear"        # shape of that walk: 'linear' or 'cubic' (Zhu & Gupta: B + (1-B)(1-t)^3)
     dual_update: str = "pi"             # budget dual z: 'ascent' (reference, pure integral) or 'pi' (nuPI, Sohrabi
                                         # et al. 2024: z <- max(0, z + zlr (e_t + z_kp (1 - z_nu)(e_t - xi_{t-1}))),
                                         # xi an EMA of the violation e = R - target; as cooper-optim's nuPI)
@@ -70,7 +75,8 @@ class UVCSettings:
     def __post_init__(self):
         choices = {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
                    "zlr_schedule": ("constant", "increasing"), "gate_grad_weighting": ("uniform", "linear"),
-                   "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group"),
+                   "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group", "fisher", "fisher_norm"),
+                   "budget_curve": ("linear", "cubic"),
                    "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -81,5 +87,7 @@ class UVCSettings:
             raise UvclabError("uvc.gating_interval must be >= 1, uvc.gumbel_tau > 0, uvc.warmup_gate in [0, 1].")
         if not 0 <= self.budget_schedule <= 1 or not 0 <= self.z_nu < 1:
             raise UvclabError("uvc.budget_schedule must be in [0, 1] and uvc.z_nu in [0, 1).")
+        if not 0 <= self.score_ema < 1:
+            raise UvclabError(f"uvc.score_ema={self.score_ema} must be in [0, 1) (0: the last batch only).")
 
 
