@@ -150,7 +150,8 @@ def importance_count_grads(uvc, obj, R, s, r, dims, heads, neurons):
 def chosen(cfg) -> SimpleNamespace:
     """The functions `cfg` (UVCSettings) selects, by role (the reference's first)."""
     return SimpleNamespace(
-        scores={"proj": proj_scores, "group": group_scores}[cfg.group_score],
+        scores={"proj": proj_scores, "group": group_scores, "fisher": group_scores,  # fisher*: norms until the
+                "fisher_norm": group_scores}[cfg.group_score],                       # first gradients are seen
         gates={"sample": lambda a, tau: F.gumbel_softmax(a, tau=tau, hard=False)[:, 1],   # a fresh Gumbel sample
                "expected": lambda a, tau: F.softmax(a, dim=-1)[:, 1], "hard": hard_gates}[cfg.resource_gates],
         count_grads={"dual": dual_count_grads, "importance": importance_count_grads}[cfg.count_grad],

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from uvclab.prune.baselines import macs_budget_for_latency
 from uvclab.ranks import broadcast_, mean_
 from uvclab.uvc.ops import chosen, clipped, least_sum, projected_sgd, selected_mask, ste_ceil
+from uvclab.uvc.importance import FisherScores, budget_target, mix_scores
 from uvclab.uvc.settings import UVCSettings
 from uvclab.vit.latency import LatencyTable
 from uvclab.vit.macs import DEFAULT_LAYOUT, VitShape, check_budget, expected_macs, vit_shape
@@ -88,6 +89,9 @@ class UVCPrimalDual:
         self.total_epochs = total_epochs
         self.total_steps = total_steps          # search steps after warm-up (the budget schedule's length)
         self.last: dict = {}
+        # issue 25: loss-aware group scores ('fisher*'), accumulated from the task gradients in every step
+        self.fisher = (FisherScores(model.blocks, H, self.shape.head_dim, settings.score_ema)
+                       if settings.group_score.startswith("fisher") else None)
 
     @classmethod
     def for_search(cls, model: torch.nn.Module, settings: UVCSettings, budget: float,
@@ -123,8 +127,13 @@ class UVCPrimalDual:
 
     # ---- group scores (vectorised) -----------------------------------------------------------------
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dim (L, H, Dh), head (L, H), neuron (L, M) scores (`uvc.group_score`)."""
-        return self.fn.scores(self.model.blocks, self.shape.num_heads, self.shape.head_dim)
+        """dim (L, H, Dh), head (L, H), neuron (L, M) scores (`uvc.group_score`): weight norms, or 'fisher*' the
+        loss-aware scores of `uvc.importance` (the 'group' norms until the first batch's gradients are seen)."""
+        norm = self.fn.scores(self.model.blocks, self.shape.num_heads, self.shape.head_dim)
+        fisher = None if self.fisher is None else self.fisher.scores()
+        if fisher is None:
+            return norm
+        return fisher if self.cfg.group_score == "fisher" else mix_scores(fisher, norm)
 
     # ---- gates ----------------------------------------------------------------------------------
     def gate_sample(self, warmup: bool = False) -> Optional[torch.Tensor]:
@@ -190,7 +199,7 @@ class UVCPrimalDual:
         col = col * head_scale
         sel_neurons = selected_mask(neurons, s_hat[:, 1])                      # (L, M)
         neuron_scale = 1 / (1 + 2 * lr * self.y[:, 1, None] * sel_neurons)
-        whole = self.cfg.group_score == "group"  # shrink every weight of the group, not only the proj / fc2 side
+        whole = self.cfg.group_score != "proj"  # shrink every weight of the group, not only the proj / fc2 side
         for l, blk in enumerate(self.model.blocks):
             blk.attn.proj.weight.mul_(col[l].reshape(1, -1).to(blk.attn.proj.weight.dtype))
             blk.mlp.fc2.weight.mul_(neuron_scale[l][None].to(blk.mlp.fc2.weight.dtype))
@@ -203,6 +212,8 @@ class UVCPrimalDual:
     def step(self, lr: float, epoch: int, warmup: bool) -> dict:
         """The UVC update after the primal (weight) step at learning rate `lr`; returns a log record."""
         st, cfg = self.state, self.cfg
+        if self.fisher is not None:  # this batch's task gradients are still in .grad (before the prox step)
+            self.fisher.update(mean_)
         self.proximal_step(lr)                              # prox: shrink the ceil(count) smallest groups
         st.global_step += 1
         if warmup:
@@ -263,11 +274,8 @@ class UVCPrimalDual:
 
     def target(self) -> float:
         """The budget the counts chase at this search step: B, or the linear walk 1.0 -> B (budget_schedule)."""
-        frac = self.cfg.budget_schedule
-        if frac <= 0 or not self.total_steps:
-            return self.budget
-        t = min(1.0, self.state.search_step / max(1.0, frac * self.total_steps))
-        return 1.0 - (1.0 - self.budget) * t
+        return budget_target(self.state.search_step, self.total_steps, self.budget, self.cfg.budget_schedule,
+                             self.cfg.budget_curve)
 
     def _record(self, epoch: int, warmup: bool, R: Optional[float] = None) -> dict:
         """The log record; R is the constrained resource ratio (`expected_macs_ratio` or, with a latency budget,
@@ -292,8 +300,11 @@ class UVCPrimalDual:
 
     # ---- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**self.state.state_dict(), "gate_opt": self.gate_opt.state_dict()}
+        sd = {**self.state.state_dict(), "gate_opt": self.gate_opt.state_dict()}
+        return sd if self.fisher is None else {**sd, "fisher": self.fisher.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.state.load_state_dict(sd)
         self.gate_opt.load_state_dict(sd["gate_opt"])
+        if self.fisher is not None:
+            self.fisher.load_state_dict(sd["fisher"])

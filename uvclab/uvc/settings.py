@@ -51,7 +51,11 @@ class UVCSettings:
     group_score: str = "group"          # what ranks (and the prox step shrinks) a group: 'proj' (reference: squared
                                         # norm of attn.proj / fc2 input columns) or 'group' (all its weights: q, k,
                                         # v rows + proj columns of a head, v row + proj column of a dim, fc1 row +
-                                        # fc2 column of a neuron; comparable across group types)
+                                        # fc2 column of a neuron; comparable across group types), 'fisher'
+                                        # (loss-aware: EMA of the squared mask gradient sum(w dL/dw) over the
+                                        # same group, accumulated over the search's own batches; uvc.importance)
+                                        # or 'fisher_norm' (sqrt(fisher x 'group'))
+    score_ema: float = 0.9              # 'fisher*': EMA decay of the squared mask gradients per step (bias-corrected)
     count_grad: str = "importance"      # sparsity term of the count gradient: 'dual' (reference: per-layer dual
                                         # y_l x next group's score) or 'importance' (one shared multiplier x next
                                         # group's score / total score of all heads + neurons, per MAC saved: counts
@@ -59,6 +63,7 @@ class UVCSettings:
                                         # only the prox shrinkage)
     budget_schedule: float = 0.5        # fraction of the search steps over which the target walks linearly from
                                         # 1.0 down to B (then holds B); 0: the target is B from the start (reference)
+    budget_curve: str = "linear"        # shape of that walk: 'linear' or 'cubic' (Zhu & Gupta: B + (1-B)(1-t)^3)
     dual_update: str = "pi"             # budget dual z: 'ascent' (reference, pure integral) or 'pi' (nuPI, Sohrabi
                                         # et al. 2024: z <- max(0, z + zlr (e_t + z_kp (1 - z_nu)(e_t - xi_{t-1}))),
                                         # xi an EMA of the violation e = R - target; as cooper-optim's nuPI)
@@ -85,7 +90,8 @@ class UVCSettings:
     def __post_init__(self):
         one_of(self, {"macs_formula": ("exact", "reference"), "count_lr_mode": ("per_range", "reference"),
                       "zlr_schedule": ("constant", "increasing"), "gate_grad_weighting": ("uniform", "linear"),
-                      "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group"),
+                      "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group", "fisher", "fisher_norm"),
+                      "budget_curve": ("linear", "cubic"),
                       "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi"),
                       "search_resource": ("macs", "latency"), "select_skips": ("auto", "gates", "validation")}, "uvc.")
         if self.dims_multiple < 1:
@@ -97,5 +103,7 @@ class UVCSettings:
         at_least_one(self, ("latency_threads", "latency_batch_size", "select_eval_samples", "select_patience"), "uvc.")
         if self.latency_feedback < 0 or self.latency_tolerance < 0 or self.select_finetune_steps < 0:
             raise UvclabError("uvc.latency_feedback, latency_tolerance and select_finetune_steps must be >= 0.")
+        if not 0 <= self.score_ema < 1:
+            raise UvclabError(f"uvc.score_ema={self.score_ema} must be in [0, 1) (0: the last batch only).")
 
 
