@@ -86,7 +86,7 @@ def search(job: Job) -> UVCPrimalDual:
         val = masked_top1(model, st, splits.val)
         log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
                    "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
-                   "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})
+                   "structure_macs_ratio": count(uvc.shape, st, cfg.layout)["macs"] / uvc.dense_macs})
         save_checkpoint(out / CHECKPOINT, {"stage": "search", "epoch": epoch + 1, "model": model.state_dict(),
                                            "opt": opt.state_dict(), "sched": sched.state_dict(),
                                            "uvc": uvc.state_dict(), "rng": torch.get_rng_state()})
