@@ -87,18 +87,22 @@ def test_bench_takes_the_median_of_alternating_rounds(monkeypatch):
     """Timings are injected: the result must be the median round of each model, timed in alternation, and
     MACs counted from the models themselves (FlopCounterMode agrees)."""
     from uvclab.compare import throughput
+    from uvclab.vit import latency_build
     from uvclab.vit.macs import flop_counter_macs
     m = small_vit(depth=2)
     e = export_model(m, uniform_structure(m, 0.5))
-    calls = []
-    times = {id(m): iter([9.0, 2.0, 4.0, 3.0]), id(e): iter([9.0, 1.0, 3.0, 0.5])}  # first: warm-up
+    clock, calls = [0.0], []
+    seconds = {"d": iter([9.0, 2.0, 4.0, 3.0]), "e": iter([9.0, 1.0, 3.0, 0.5])}  # per call; the first: warm-up
+    monkeypatch.setattr(latency_build.time, "perf_counter", lambda: clock[0])
 
-    def fake_time(model, x, iters):
-        calls.append("d" if model is m else "e")
-        return next(times[id(model)])
-    monkeypatch.setattr(throughput, "_time_once", fake_time)
+    def on_a_fake_clock(fns, *args, **kw):  # the shared timer (time_calls), each call advancing the clock
+        def call(name):
+            calls.append(name)
+            clock[0] += next(seconds[name])
+        return latency_build.time_calls([lambda: call("d"), lambda: call("e")], *args, **kw)
+    monkeypatch.setattr(throughput, "time_calls", on_a_fake_clock)
     r = compare_throughput(m, e, batch_size=4, rounds=3, iters=1, warmup=1)
-    assert calls == ["d", "e"] * 4                                  # alternating, warm-up included
+    assert calls == ["d", "e", "d", "e", "e", "d", "d", "e"]          # warm-up, then rounds in alternating order
     assert r.dense_img_per_s == pytest.approx(4 / 3.0) and r.exported_img_per_s == pytest.approx(4 / 1.0)
     assert r.speedup == pytest.approx(3.0)
     assert r.dense_macs == flop_counter_macs(m) and r.exported_macs == flop_counter_macs(e)

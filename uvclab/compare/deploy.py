@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from uvclab.errors import UvclabError
+from uvclab.paths import CONFIG, MODEL_DIR, REPORT
 from uvclab.vit.models import input_shape
 from uvclab.vit.onnx import DEFAULT_OPSET, OnnxExport, ort_session, run_session, to_onnx
 
@@ -27,7 +28,7 @@ REPORT_KEYS = ("method", "dataset", "budget", "top1", "teacher_top1", "val_top1"
 def model_folder(run_or_model: str | Path) -> Path:
     """The folder holding uvclab.json + model.safetensors: the path itself or its `model/` subfolder."""
     p = Path(run_or_model)
-    for d in (p, p / "model"):
+    for d in (p, p / MODEL_DIR):
         if (d / "uvclab.json").is_file() and (d / "model.safetensors").is_file():
             return d
     raise UvclabError(f"'{p}' holds no exported model (model/uvclab.json + model/model.safetensors). Point at a "
@@ -39,10 +40,10 @@ def real_images(run_dir: Path, n: int, img_size: int) -> tuple[Optional[torch.Te
     """The first `n` test images of the run's dataset (config.yaml), or (None, why not)."""
     from uvclab.engine.config import load_config
     from uvclab.engine.data import load_dataset
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG).is_file():
         return None, "no config.yaml next to the model"
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / CONFIG)
         splits = load_dataset(cfg.dataset, cfg.data_root, cfg.split_seed, img_size=img_size, augment=False,
                               download=False)
     except (UvclabError, OSError, RuntimeError) as e:
@@ -69,8 +70,8 @@ def export_onnx(model_or_run, path: str | Path, batch_size: Optional[int] = None
         folder = model_folder(model_or_run)
         model = load_pruned(folder)
         card = json.loads((folder / "uvclab.json").read_text())
-        run_dir = folder.parent if folder.name == "model" else folder
-        report = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
+        run_dir = folder.parent if folder.name == MODEL_DIR else folder
+        report = json.loads((run_dir / REPORT).read_text()) if (run_dir / REPORT).is_file() else {}
         extra = {k: v for k, v in {**card, **report}.items() if k in REPORT_KEYS}
         if images is None:
             images, source = real_images(run_dir, num_images, input_shape(model)[1])

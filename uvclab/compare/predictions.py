@@ -24,7 +24,7 @@ from uvclab.compare.runs import run_config
 from uvclab.engine.data import FASHION_CLASSES, fashion_mnist_test, load_dataset
 from uvclab.errors import DiskFull, UvclabError
 from uvclab.io_utils import atomic_write
-from uvclab.paths import REPO_ROOT, default_teacher
+from uvclab.paths import MODEL_DIR, REPO_ROOT, REPORT, default_teacher
 from uvclab.vit.structure import Structure
 
 TEACHER = "teacher"
@@ -74,14 +74,14 @@ def resolve_run(run_dir: str | Path) -> Side:
     if not run_dir.is_dir():
         raise UvclabError(f"Run folder '{run_dir}' does not exist; pass a folder written by `uvclab compress` "
                           "or 'teacher'.")
-    model_dir = run_dir / "model"
+    model_dir = run_dir / MODEL_DIR
     missing = [f"model/{f}" for f in ("model.safetensors", "uvclab.json") if not (model_dir / f).is_file()]
     if missing:
         raise UvclabError(f"'{run_dir}' has no exported model ({' and '.join(missing)} missing): the run has not "
                           "finished or was interrupted. Finish it with `uvclab compress --resume --out "
                           f"{run_dir}` (same config), or compare another run.")
     cfg = run_config(run_dir)
-    report = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
+    report = json.loads((run_dir / REPORT).read_text()) if (run_dir / REPORT).is_file() else {}
     card = json.loads((model_dir / "uvclab.json").read_text())
     dataset = cfg.get("dataset") or report.get("dataset")
     if dataset is None:

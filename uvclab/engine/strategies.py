@@ -106,7 +106,7 @@ def search(job: Job) -> UVCPrimalDual:
         val = masked_top1(model, st, splits.val)
         log.write({"stage": "search_epoch", "epoch": epoch, "val_top1_hard": val,
                    "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
-                   "structure_macs_ratio": count(model, st, cfg.layout)["macs"] / uvc.dense_macs})
+                   "structure_macs_ratio": count(uvc.shape, st, cfg.layout)["macs"] / uvc.dense_macs})
         ckpts.save(epoch + 1)
     return uvc
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from uvclab.vit.macs import count, vit_shape
 from uvclab.errors import UvclabError
-from uvclab.paths import runs_dir
+from uvclab.paths import STRUCTURE, runs_dir
 from uvclab.vit.structure import Structure
 from uvclab.compare.runs import read_report, read_runs
 from uvclab.ui.viz import plot_masks
@@ -86,7 +86,7 @@ def render_run(run_dir: str | Path) -> tuple[str, Figure]:
     """(HTML, mask Figure) of one finished run folder (report.json + structure.json)."""
     run_dir = Path(run_dir)
     rep = read_report(run_dir)
-    structure = Structure.load(run_dir / "structure.json")
+    structure = Structure.load(run_dir / STRUCTURE)
     model = (rep.get("model") or {}).get("name", "?")
     title = f"{run_dir.name}: {model} on {rep.get('dataset', '?')}"
     return render_structure(structure, rep, title)
