@@ -21,7 +21,8 @@ import nbformat
 import pytest
 import yaml
 
-from uvclab.engine.config import ABLATIONS, METHODS, CompressConfig, config_from_parameters
+from uvclab.engine.config import ABLATIONS, CompressConfig, config_from_parameters
+from uvclab.engine.strategies import STRATEGIES as METHODS
 
 papermill = pytest.importorskip("papermill")
 
