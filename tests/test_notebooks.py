@@ -21,7 +21,7 @@ import nbformat
 import pytest
 import yaml
 
-from uvclab.engine.config import ABLATIONS, CompressConfig, config_from_parameters
+from uvclab.engine.config import ABLATIONS, CompressConfig, config_from_parameters, sections
 from uvclab.engine.strategies import STRATEGIES as METHODS
 
 papermill = pytest.importorskip("papermill")
@@ -124,7 +124,7 @@ def test_parameters_cell_is_valid(path):
     body = "\n".join(c.source for c in nb.cells if c.cell_type == "code"
                      and "parameters" not in c.metadata.get("tags", []))
     to_config = "config_from_parameters(globals()" in body
-    fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    fields = {f.name for c in (CompressConfig, *sections(CompressConfig).values()) for f in dataclasses.fields(c)}
     unused = [n for n in params if not re.search(rf"\b{n}\b", body) and not (to_config and n in fields)]
     assert not unused, f"{path.name}: parameters {unused} are never used"
     assert set(TINY[path.stem]) <= set(params), "TINY sets a parameter the notebook does not have"
