@@ -180,7 +180,8 @@ def test_ridge_refit_closed_form():
     Xk = Xa[:, kept + [5]]
     resid = Xk @ torch.cat([Wk, bk[:, None]], 1).double().t() - Xa @ torch.cat([W, b[:, None]], 1).double().t()
     grad = Xk.t() @ resid + lam * torch.cat([(Wk - W[:, kept]).double(), torch.zeros(3, 1, dtype=torch.float64)], 1).t()
-    assert used == ridge and grad.abs().max() < 1e-4
+    # float32 weights: the normal equations hold to float32 rounding of sums over 200 rows (G's scale ~200)
+    assert used == ridge and grad.abs().max() < 1e-5 * G.abs().max()
 
 
 def _rank_worker(rank, world, store, out):
