@@ -100,7 +100,7 @@ def test_sigterm_at_a_random_step_exits_75_and_resume_equals_the_uninterrupted_r
 # ---- torchrun ---------------------------------------------------------------------------------------
 
 def torchrun(out, *args, restarts: int = 0) -> subprocess.Popen:
-    from test_elastic import free_port
+    from test_runfiles import free_port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--max-restarts={restarts}",
            f"--master-port={free_port()}", "-m", "uvclab", "compress", "--out", str(out), *args] + \
         sum((["--set", s] for s in ["batch_size=32"] + QUICK), [])
@@ -128,7 +128,7 @@ def search_records(out) -> int:
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step_and_resume_equals_uninterrupted(tmp_path, target):
     """SIGTERM to torchrun (it forwards it to every worker) or to the worker of rank 1 alone: both ranks stop
     after the same step, rank 0 writes the checkpoint, the workers exit 75; `--resume` ends as uninterrupted."""
-    from test_elastic import worker_pid
+    from test_runfiles import worker_pid
     ref = tmp_path / "ref"
     log = wait(torchrun(ref))
     assert (ref / "report.json").exists(), log[-3000:]
