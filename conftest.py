@@ -3,7 +3,7 @@
   pytest -q          fast tier: unit and small integration tests; the notebooks are parsed and their parameters
                      validated (tests/test_notebooks.py) but not executed; `slow` and `browser` tests deselected
   pytest -q --full   everything: nbval executes the committed notebooks, plus the slow, torchrun and browser tests
-An explicit `-m EXPR` selects by markers as usual (`pytest -m slow tests/test_pipeline.py`).
+An explicit `-m EXPR` selects by markers as usual (`pytest -m slow tests/test_compress.py`).
 
 At the repository root so that it also governs the collection of notebooks/ (nbval). Runs made by tests (and
 by the notebooks nbval executes, whose kernels inherit the environment) go to a temporary UVCLAB_RUNS, never
