@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="reduced protocol (< 10 min on 2 cores)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--budgets", default=None, help="comma-separated MACs ratios (default: the protocol's)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds for every listed method and budget "
+                   "(default: the protocol's seeds, plus its extra seeds for its seed methods)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes, 1 thread each on CPU)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the training steps per epoch (GPU runs)")
     p.add_argument("--device", default="cpu")
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
         config[key] = yaml.safe_load(value)
     if a.budgets:
         spec["budgets"] = tuple(float(b) for b in a.budgets.split(","))
+    if a.seeds:
+        spec.update(seeds=tuple(int(s) for s in a.seeds.split(",")), extra_seeds=())
     protocol = Protocol(methods=tuple(m.strip() for m in a.methods.split(",")), config=config, **spec)
     out = Path(a.out) if a.out else ROOT / "runs" / "benchmarks" / name
     results = Path(a.results) if a.results else (out if a.quick else ROOT / "benchmarks" / "results")
