@@ -20,7 +20,6 @@ from uvclab.vit.export import export_model, load_pruned, save_pruned
 from uvclab.vit.gated import gate_vit
 from uvclab.vit.structure import Structure, apply_structure
 
-from conftest import random_structure
 
 TINY = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=2, embed_dim=48, num_heads=3)
 
@@ -114,6 +113,7 @@ def test_repair_changes_weights_never_shapes_and_leaves_unpruned_layers_alone(tm
     from uvclab.compare.deploy import export_onnx
     from uvclab.vit.macs import count
     m = tiny(depth=4)
+    from conftest import random_structure  # here, not at the top: the gloo test's spawned workers import this
     s = random_structure(m, seed=3)       # block 1 skipped, block 2 attention off, block 3 MLP off
     s.blocks[0].mlp = list(range(192))    # nothing pruned in block 0's MLP
     before = copy.deepcopy(m.state_dict())
