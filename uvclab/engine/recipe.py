@@ -57,7 +57,7 @@ class RecipeSettings:
 
     def for_finetune(self) -> "RecipeSettings":
         """Stage 2's recipe: these settings with `finetune`'s keys overriding."""
-        unknown = sorted(set(self.finetune) - set(RECIPE_KEYS) | {"finetune"} & set(self.finetune))
+        unknown = sorted(k for k in self.finetune if k not in RECIPE_KEYS or k == "finetune")
         if unknown:
             raise UvclabError(f"Unknown recipe.finetune key(s) {unknown}. Known: {sorted(RECIPE_KEYS[:-1])}.")
         return dataclasses.replace(self, **self.finetune, finetune={})
