@@ -2,12 +2,13 @@
 
     python benchmarks/fashion_mnist.py            # full protocol (see PROTOCOLS); README states its wall time
     python benchmarks/fashion_mnist.py --quick    # every method at B=0.5, reduced training, ~4 min
+    python benchmarks/fashion_mnist.py --long --methods uvc,activation_lstsq   # 5x the steps at 0.3, 0.2
     python benchmarks/fashion_mnist.py --device cuda --scale 10 --workers 1   # GPU: 10x the training
     python benchmarks/fashion_mnist.py --retime   # no training: time the existing run folders' models where a
                                                   # speed file is missing (e.g. ONNX Runtime), rewrite the results
 
-Writes run folders under --out (default runs/benchmarks/fashion_mnist[_quick]) and, from them,
-<results>/fashion_mnist[_quick].csv, .md and _pareto.png. Re-running continues: finished runs are kept.
+Writes run folders under --out (default runs/benchmarks/fashion_mnist[_quick|_long]) and, from them,
+<results>/fashion_mnist[_quick|_long].csv, .md and _pareto.png. Re-running continues: finished runs are kept.
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ PROTOCOLS = {
                  config=dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=24, warmup_epochs=0,
                              search_epochs=2, finetune_epochs=6, lr=5e-4, finetune_lr=5e-4, threads=1,
                              eval_max_samples=3000, test_max_samples=None, uvc=SHORT_RUN_UVC)),
+    # issue 25: where structure matters, with 5x the steps (search 2 x 120, fine-tune 6 x 120 steps)
+    "long": dict(budgets=(0.3, 0.2), seeds=(0, 1, 2), extra_seeds=(),
+                 config=dict(dataset="fashion_mnist", batch_size=128, max_steps_per_epoch=120, warmup_epochs=0,
+                             search_epochs=2, finetune_epochs=6, lr=5e-4, finetune_lr=5e-4, threads=1,
+                             eval_max_samples=3000, test_max_samples=None, uvc=SHORT_RUN_UVC)),
     "quick": dict(budgets=(0.5,), seeds=(0,), extra_seeds=(),
                   config=dict(dataset="fashion_mnist", batch_size=64, max_steps_per_epoch=25, warmup_epochs=0,
                               search_epochs=2, finetune_epochs=3, lr=5e-4, finetune_lr=5e-4, threads=1,
@@ -43,6 +49,7 @@ PROTOCOLS = {
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced protocol (< 10 min on 2 cores)")
+    p.add_argument("--long", action="store_true", help="5x the steps of the full protocol, budgets 0.3, 0.2")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--budgets", default=None, help="comma-separated MACs ratios (default: the protocol's)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every listed method and budget "
@@ -54,11 +61,12 @@ def main(argv=None) -> int:
                    help="override a protocol config key (e.g. --set max_steps_per_epoch=5)")
     p.add_argument("--retime", action="store_true", help="train nothing: measure missing speed files (PyTorch, "
                    "ONNX Runtime) of the finished runs in --out and rewrite the results")
-    p.add_argument("--out", default=None, help="run folders (default runs/benchmarks/fashion_mnist[_quick])")
+    p.add_argument("--out", default=None, help="run folders (default runs/benchmarks/fashion_mnist[_quick|_long])")
     p.add_argument("--results", default=None, help="results folder (default benchmarks/results; quick: the --out)")
     a = p.parse_args(argv)
-    name = "fashion_mnist_quick" if a.quick else "fashion_mnist"
-    spec = dict(PROTOCOLS["quick" if a.quick else "full"])
+    kind = "quick" if a.quick else "long" if a.long else "full"
+    name = {"quick": "fashion_mnist_quick", "long": "fashion_mnist_long", "full": "fashion_mnist"}[kind]
+    spec = dict(PROTOCOLS[kind])
     config = dict(spec.pop("config"), device=a.device)
     config["max_steps_per_epoch"] = max(1, round(config["max_steps_per_epoch"] * a.scale))
     if a.device != "cpu":

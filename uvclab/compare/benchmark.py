@@ -31,12 +31,10 @@ VARIANTS = {  # benchmark label -> config overrides; every label runs through th
     **{("uvc" if a == "uvc" else f"uvc_{a}"): {"method": "uvc", **ABLATIONS[a]}
        for a in ("uvc", "no_kd", "prune_only", "skip_only")},
     "uvc_gates": {"method": "uvc", "uvc.gating_weight": 1.0},   # skip gates strong enough to decide (see README)
-    # issue 25 (docs/uvc-experiments.md): loss-aware group scores, the cubic budget curve
-    "uvc_fisher": {"method": "uvc", "uvc.group_score": "fisher"},
+    # issue 25 (docs/uvc-experiments.md): group scores (default 'fisher'; the weight norm before), the cubic curve
+    "uvc_norm": {"method": "uvc", "uvc.group_score": "group"},
     "uvc_fisher_norm": {"method": "uvc", "uvc.group_score": "fisher_norm"},
     "uvc_cubic": {"method": "uvc", "uvc.budget_curve": "cubic", "uvc.budget_schedule": 0.75},
-    "uvc_fisher_cubic": {"method": "uvc", "uvc.group_score": "fisher", "uvc.budget_curve": "cubic",
-                         "uvc.budget_schedule": 0.75},
     **{m: {"method": m} for m in STRATEGIES if m != "uvc"},   # every one-shot method of the strategy table
     **{f"{m}_lstsq": {"method": m, "repair": "lstsq"}         # ... and each with the least-squares repair
        for m in STRATEGIES if m not in ("uvc", "depth")},      # (depth keeps whole blocks: nothing to refit)

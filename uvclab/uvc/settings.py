@@ -48,7 +48,7 @@ class UVCSettings:
                                         # gradient of the probability), 'expected' (probabilities), or
                                         # 'sample' (a fresh soft Gumbel sample, as the reference code)
     warmup_gate: float = 1.0            # gate value during warm-up (reference: 0.5 mixes every block)
-    group_score: str = "group"          # what ranks (and the prox step shrinks) a group: 'proj' (reference: squared
+    group_score: str = "fisher"         # what ranks (and the prox step shrinks) a group: 'proj' (reference: squared
                                         # norm of attn.proj / fc2 input columns) or 'group' (all its weights: q, k,
                                         # v rows + proj columns of a head, v row + proj column of a dim, fc1 row +
                                         # fc2 column of a neuron; comparable across group types), 'fisher'
