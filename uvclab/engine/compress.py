@@ -27,6 +27,7 @@ from uvclab.engine.data import check_model_fits_data, load_dataset, model_kwargs
 from uvclab.engine.distill import kd_loss_fn
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, init_distributed, masked_top1, seeded_loader,
                                 set_seed, steps_per_epoch, train_one_epoch)
+from uvclab.engine.progress import EpochLines
 from uvclab.engine.precision import TrainStep, maybe_compile, prepare_model
 from uvclab.engine.preempt import StopSignals, oom_guard
 from uvclab.engine.recipe import recipe_report, stage_recipe
@@ -152,6 +153,7 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
             step_fn.load_state_dict(ckpt["amp"])
     loss_fn = rec.wrap_loss(kd_loss_fn(maybe_compile(ddp_model, cfg.run.compile), maybe_compile(teacher, cfg.run.compile),
                                        cfg.kd, cfg.kd_alpha, cfg.kd_tau, cfg.kd_reduction, rec.criterion))
+    line = EpochLines("fine-tune", epochs, start, cfg.run.epoch_lines)
     for epoch in range(start, epochs):
         skip = start_step if epoch == start else 0  # a mid-epoch checkpoint: the steps already done
         hook = ckpts.hook(epoch, lambda step, loss: rec.after_step(slim))  # EMA (None: no bar values)
@@ -167,6 +169,7 @@ def finetune(cfg: CompressConfig, slim, teacher, splits, out: Path, log: Metrics
             best_val, best_state = val, copy.deepcopy(rec.eval_model(slim).state_dict())
         log.write({"stage": "finetune_epoch", "epoch": epoch, "loss": loss, "val_top1": val, "best_val_top1": best_val})
         ckpts.save(epoch + 1)
+        line(epoch, loss=loss, val=val)
     slim.load_state_dict(best_state)
     return slim.eval(), best_val, start_val
 

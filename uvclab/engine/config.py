@@ -65,6 +65,7 @@ class RunSettings:
     threads: Optional[int] = None        # torch CPU threads (None: torch's default)
     num_workers: int = 0                 # DataLoader worker processes
     progress: bool = True                # tqdm bars
+    epoch_lines: bool = True             # one line per epoch (stage, epoch, R, validation, elapsed, ETA)
     pin_memory: bool = False             # pinned host memory in the training loader (GPU runs)
     amp: str = "none"                    # none | bf16 | fp16: autocast for forward + loss (fp16 adds a GradScaler);
                                          # UVC's counts, duals and MACs / latency math stay float32

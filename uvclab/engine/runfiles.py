@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Union
@@ -145,3 +146,21 @@ def open_run_folder(cfg, out: Path, resume: Union[bool, str] = False) -> Optiona
         print(f"uvclab: torchrun restart {restart_count()}: continuing from '{out / CHECKPOINT}' "
               f"({ckpt['stage']}, epoch {ckpt.get('epoch', '-')})", file=sys.stderr, flush=True)
     return ckpt
+
+
+def notebook_run_folder(cfg, out: Path, resume: Optional[str] = "auto") -> str:
+    """A notebook's run folder before `compress(cfg, out, resume=...)`; returns that resume mode.
+    resume='auto': a folder holding a run of the same config is kept, so an interrupted (e.g. papermill, GPU)
+    execution continues from its checkpoint and a finished one is read back; a folder of another config is
+    replaced. resume=None (tests, a forced fresh run): the folder is deleted and the run starts from zero."""
+    out = Path(out)
+    if resume not in (None, "auto"):
+        raise UvclabError(f"resume={resume!r}; use 'auto' (continue a run of the same settings) or None (start "
+                          "fresh).")
+    same = (resume == "auto" and (out / CHECKPOINT).exists() and (out / CONFIG).exists()
+            and type(cfg).load(out / CONFIG).to_dict() == cfg.to_dict())
+    if same:
+        print(f"resume='auto': continuing the run in '{out.name}' (its config matches; resume=None starts fresh)")
+        return "auto"
+    shutil.rmtree(out, ignore_errors=True)
+    return "no"

@@ -19,6 +19,7 @@ from uvclab.engine.checkpointing import StageCheckpoints
 from uvclab.engine.distill import kd_loss_fn
 from uvclab.engine.loop import (adamw_with_schedule, evaluate, masked_top1, seeded_loader, steps_per_epoch,
                                 train_one_epoch)
+from uvclab.engine.progress import EpochLines
 from uvclab.engine.precision import TrainStep, maybe_compile, prepare_model
 from uvclab.engine.recipe import stage_recipe
 from uvclab.engine.runfiles import MetricsLog, nonfinite_stop
@@ -77,6 +78,7 @@ def search(job: Job) -> UVCPrimalDual:
         if "recipe" in ckpt:
             rec.load_state_dict(ckpt["recipe"])
             step_fn.load_state_dict(ckpt["amp"])
+    line = EpochLines("search", epochs, start, cfg.run.epoch_lines)
     # the gated student is not compiled (its gates change between steps); the frozen teacher may be
     kd = rec.wrap_loss(kd_loss_fn(ddp_model, maybe_compile(job.teacher, cfg.run.compile), cfg.kd, cfg.kd_alpha,
                                   cfg.kd_tau, cfg.kd_reduction, rec.criterion))
@@ -108,6 +110,7 @@ def search(job: Job) -> UVCPrimalDual:
                    "R": uvc.last["R"], "expected_macs_ratio": uvc.last["expected_macs_ratio"], "z": uvc.last["z"],
                    "structure_macs_ratio": count(uvc.shape, st, cfg.layout)["macs"] / uvc.dense_macs})
         ckpts.save(epoch + 1)
+        line(epoch, R=uvc.last["R"], val=val)
     return uvc
 
 
