@@ -35,6 +35,7 @@ VARIANTS = {  # benchmark label -> config overrides; every label runs through th
     "uvc_norm": {"method": "uvc", "uvc.group_score": "group"},
     "uvc_fisher_norm": {"method": "uvc", "uvc.group_score": "fisher_norm"},
     "uvc_cubic": {"method": "uvc", "uvc.budget_curve": "cubic", "uvc.budget_schedule": 0.75},
+    "uvc_no_dims": {"method": "uvc", "uvc.prune_dims": False},  # value dims kept whole: their MACs buy no time here
     **{m: {"method": m} for m in STRATEGIES if m != "uvc"},   # every one-shot method of the strategy table
     **{f"{m}_lstsq": {"method": m, "repair": "lstsq"}         # ... and each with the least-squares repair
        for m in STRATEGIES if m not in ("uvc", "depth")},      # (depth keeps whole blocks: nothing to refit)
@@ -251,14 +252,15 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
 def markdown_table(df: pd.DataFrame) -> str:
     s = summary_table(df)
     lines = ["| budget | method | top-1 (%) | vs teacher | seeds | val before fine-tune | R end of search | "
-             "blocks | MACs ratio | params ratio | speedup | ORT speedup |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "blocks | MACs ratio | params ratio | speedup | ORT speedup | latency ratio (PyTorch / ORT) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in s.iterrows():
         spread = f" ± {r.top1_std:.2f}" if r.seeds > 1 else ""
         vspread = f" ± {r.val_before_ft_std:.2f}" if r.seeds > 1 and pd.notna(r.val_before_ft_std) else ""
         speed, ort = (f"{v:.2f}x" if pd.notna(v) else "-" for v in (r.speedup, r.ort_speedup))
+        latency = " / ".join(f"{1 / v:.3f}" if pd.notna(v) else "-" for v in (r.speedup, r.ort_speedup))
         R = f"{r.search_end_R:.3f}" if pd.notna(r.search_end_R) else "-"
         lines.append(f"| {r.budget:g} | {r.method} | {r.top1:.2f}{spread} | {r.delta_vs_teacher:+.2f} | "
                      f"{r.seeds} | {r.val_before_ft:.2f}{vspread} | {R} | {r.blocks_kept:.1f} | {r.macs_ratio:.3f} | "
-                     f"{r.params_ratio:.3f} | {speed} | {ort} |")
+                     f"{r.params_ratio:.3f} | {speed} | {ort} | {latency} |")
     return "\n".join(lines) + "\n"
