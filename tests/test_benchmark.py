@@ -92,3 +92,18 @@ def test_unknown_method_is_a_clear_error():
     from uvclab.errors import UvclabError
     with pytest.raises(UvclabError, match="Choose from"):
         Protocol(config=TINY).base_config("pruning_by_magic", 0.5, 0)
+
+
+def test_regime_table_picks_the_baseline_on_validation_and_judges_the_gap_against_the_spread():
+    from uvclab.compare.benchmark import regime_table
+    rows = [("uvc", 0.3, s, t, 88.0) for s, t in ((0, 87.0), (1, 87.2), (2, 87.4))]        # mean 87.2, sd 0.2
+    rows += [("magnitude", 0.3, s, t, 90.0) for s, t in ((0, 86.0), (1, 86.2), (2, 86.4))]  # best on validation
+    rows += [("activation_lstsq", 0.3, s, 88.0, 80.0) for s in (0, 1, 2)]               # best on test only
+    rows += [("uvc", 0.5, 0, 88.0, 88.0), ("magnitude", 0.5, 0, 88.1, 88.0)]             # one seed: sd 0
+    df = pd.DataFrame(rows, columns=["method", "budget", "seed", "top1", "val_top1"])
+    r = regime_table(df).set_index("budget")
+    assert r.loc[0.3, "baseline"] == "magnitude" and r.loc[0.3, "gap"] == pytest.approx(1.0)
+    assert r.loc[0.3, "verdict"] == "UVC better"
+    assert r.loc[0.5, "verdict"] == "baseline better"   # -0.1 against a spread of 0 (one seed each)
+    df.loc[df.method == "uvc", "top1"] -= 0.9            # a gap of 0.1 against sd 0.2: within noise
+    assert regime_table(df).set_index("budget").loc[0.3, "verdict"] == "within noise"

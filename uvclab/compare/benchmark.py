@@ -264,3 +264,37 @@ def markdown_table(df: pd.DataFrame) -> str:
                      f"{r.seeds} | {r.val_before_ft:.2f}{vspread} | {R} | {r.blocks_kept:.1f} | {r.macs_ratio:.3f} | "
                      f"{r.params_ratio:.3f} | {speed} | {ort} | {latency} |")
     return "\n".join(lines) + "\n"
+
+
+def regime_table(df: pd.DataFrame, uvc: str = "uvc") -> pd.DataFrame:
+    """Where UVC is the better choice: per budget, `uvc` against the best one-shot method chosen on validation
+    (mean val_top1 over its seeds; test never chooses), test top-1 mean ± sd over seeds, the difference and a
+    verdict: 'UVC better' / 'baseline better' when the gap exceeds the larger of the two standard deviations
+    (one seed: 0), else 'within noise'."""
+    rows = []
+    for budget, d in df.groupby("budget", sort=False):
+        mine = d[d.method == uvc]
+        base = d[d.method.isin(ONE_SHOT_METHODS)]
+        if mine.empty or base.empty:
+            continue
+        best = base.groupby("method")["val_top1"].mean().idxmax()
+        b = base[base.method == best]
+        sd = max(mine.top1.std() if len(mine) > 1 else 0.0, b.top1.std() if len(b) > 1 else 0.0)
+        gap = mine.top1.mean() - b.top1.mean()
+        rows.append({"budget": budget, "uvc": mine.top1.mean(), "uvc_sd": mine.top1.std(), "uvc_seeds": len(mine),
+                     "baseline": best, "baseline_top1": b.top1.mean(), "baseline_sd": b.top1.std(),
+                     "baseline_seeds": len(b), "gap": gap,
+                     "verdict": "UVC better" if gap > sd else "baseline better" if gap < -sd else "within noise"})
+    return pd.DataFrame(rows)
+
+
+def regime_markdown(df: pd.DataFrame) -> str:
+    r = regime_table(df)
+    lines = ["| budget | uvc top-1 (seeds) | best one-shot on validation | its top-1 (seeds) | gap | verdict |",
+             "|---:|---:|---|---:|---:|---|"]
+    for x in r.itertuples():
+        sd = lambda v, n: f" ± {v:.2f}" if n > 1 else ""  # noqa: E731
+        lines.append(f"| {x.budget:g} | {x.uvc:.2f}{sd(x.uvc_sd, x.uvc_seeds)} ({x.uvc_seeds}) | {x.baseline} | "
+                     f"{x.baseline_top1:.2f}{sd(x.baseline_sd, x.baseline_seeds)} ({x.baseline_seeds}) | "
+                     f"{x.gap:+.2f} | {x.verdict} |")
+    return "\n".join(lines) + "\n"

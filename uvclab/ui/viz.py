@@ -324,13 +324,15 @@ def plot_accuracy_bars(df: pd.DataFrame, label_col: str, value_col: str = "top1"
 
 def write_results(df: pd.DataFrame, results_dir: str | Path, name: str, note: str = "") -> dict[str, Path]:
     """`<name>.csv`, `<name>.md` (summary table, `note` above it) and `<name>_pareto.png` in results_dir."""
-    from uvclab.compare.benchmark import markdown_table, summary_table
+    from uvclab.compare.benchmark import markdown_table, regime_markdown, summary_table
     from uvclab.io_utils import atomic_write_text
     d = Path(results_dir)
     d.mkdir(parents=True, exist_ok=True)
     paths = {"csv": d / f"{name}.csv", "md": d / f"{name}.md", "png": d / f"{name}_pareto.png"}
     atomic_write_text(paths["csv"], df.to_csv(index=False, float_format="%.4f"))
-    atomic_write_text(paths["md"], (note + "\n\n" if note else "") + markdown_table(df))
+    regimes = ("\n\nUVC against the best one-shot method per budget (chosen on validation; verdict: the gap against "
+               "the larger standard deviation over seeds):\n\n" + regime_markdown(df)) if len(df) else ""
+    atomic_write_text(paths["md"], (note + "\n\n" if note else "") + markdown_table(df) + regimes)
     s = summary_table(df)
     fig = plot_pareto(s, x="macs_ratio", y="top1", hue="method", err="top1_std",
                       teacher=float(df["teacher_top1"].iloc[0]) if len(df) else None)
