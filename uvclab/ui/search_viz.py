@@ -216,6 +216,7 @@ def plot_mask_snapshots(metrics_df: pd.DataFrame, steps: Optional[Sequence[int]]
         ax.tick_params(axis="y", labelsize=8)
     axes[0].set_ylabel("layer", fontsize=9)
     cb = fig.colorbar(im, ax=axes, pad=0.01, fraction=0.025, ticks=[0, 0.25, 0.5, 0.75, 1])
+    cb.ax.set_ylim(0, 1)                                           # the colour scale runs on to 1.25 (lighter full cells)
     cb.set_label("kept fraction", fontsize=8)
     cb.ax.tick_params(labelsize=8)
     return fig
@@ -372,8 +373,7 @@ def plot_accuracy_dots(df: pd.DataFrame, label_col: str, value_col: str = "top1"
     ax.tick_params(axis="x", labelsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22 - 0.5 / max(len(df), 1)), ncol=2,
-              frameon=False)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 
