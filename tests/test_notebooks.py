@@ -39,9 +39,9 @@ TINY_RUN = dict(dataset="digits", warmup_epochs=1, search_epochs=1, finetune_epo
 TINY = {
     "01_gated_vit_and_budget": dict(equiv_kwargs={"img_size": 32, "patch_size": 16, "depth": 2, "num_classes": 10},
                                     batch_size=2, sweep_points=5),
-    "02_mask_learning": dict(TINY_RUN, macs_ratio=0.6),
-    "03_distillation_ablations": dict(TINY_RUN, macs_ratio=0.6),
-    "04_pruning_ratios": dict(TINY_RUN, budgets=[0.4, 0.8]),
+    "02_mask_learning": dict(TINY_RUN, macs_ratio=0.6, resume=None),      # resume None: tests start fresh
+    "03_distillation_ablations": dict(TINY_RUN, macs_ratio=0.6, resume=None),
+    "04_pruning_ratios": dict(TINY_RUN, budgets=[0.4, 0.8], resume=None),
     "05_export_and_speed": dict(img_size=32, num_classes=10, batch_size=2, bench_budgets=[0.5],
                                 bench_batch_size=4, bench_rounds=1),
     "06_results": {},

@@ -134,8 +134,10 @@ def uvc(job: Job) -> Structure:
         job.notes["search_end_latency_ratio"] = (opt.last.get("expected_latency_ratio")
                                                  or selection["search_structure_cost_ratio"])
     if rank() == 0:  # the optimiser's end state and the notes (a resume in stage 2 reads them from its checkpoint)
+        scores = dict(zip(("dims", "heads", "neurons"), (t.tolist() for t in opt.scores())))  # the ranking kept
         atomic_write_text(job.out / UVC_STATE, json.dumps(
-            {**{k: v.tolist() for k, v in opt.state_dict().items() if isinstance(v, torch.Tensor)}, **job.notes}))
+            {**{k: v.tolist() for k, v in opt.state_dict().items() if isinstance(v, torch.Tensor)}, **job.notes,
+             "scores": scores}))
     return structure
 
 
