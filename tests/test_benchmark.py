@@ -104,6 +104,7 @@ def test_regime_table_picks_the_baseline_on_validation_and_judges_the_gap_agains
     r = regime_table(df).set_index("budget")
     assert r.loc[0.3, "baseline"] == "magnitude" and r.loc[0.3, "gap"] == pytest.approx(1.0)
     assert r.loc[0.3, "verdict"] == "UVC better"
+    assert r.loc[0.3, "paired_gap"] == pytest.approx(1.0) and r.loc[0.3, "paired_sd"] == pytest.approx(0.0)
     assert r.loc[0.5, "verdict"] == "baseline better"   # -0.1 against a spread of 0 (one seed each)
-    df.loc[df.method == "uvc", "top1"] -= 0.9            # a gap of 0.1 against sd 0.2: within noise
+    df.loc[(df.method == "uvc") & (df.seed == 0), "top1"] -= 1.5   # per-seed gaps -0.5, 1, 1: mean 0.5, sd 0.87
     assert regime_table(df).set_index("budget").loc[0.3, "verdict"] == "within noise"

@@ -269,8 +269,10 @@ def markdown_table(df: pd.DataFrame) -> str:
 def regime_table(df: pd.DataFrame, uvc: str = "uvc") -> pd.DataFrame:
     """Where UVC is the better choice: per budget, `uvc` against the best one-shot method chosen on validation
     (mean val_top1 over its seeds; test never chooses), test top-1 mean ± sd over seeds, the difference and a
-    verdict: 'UVC better' / 'baseline better' when the gap exceeds the larger of the two standard deviations
-    (one seed: 0), else 'within noise'."""
+    verdict: 'UVC better' / 'baseline better' when the gap exceeds its standard deviation, else 'within noise'.
+    With two or more seeds in common the gap is the mean per-seed difference (a seed fixes the fine-tune's data
+    order for every method) and its sd over those seeds; otherwise the difference of means against the larger
+    of the two methods' sds (one seed: 0)."""
     rows = []
     for budget, d in df.groupby("budget", sort=False):
         mine = d[d.method == uvc]
@@ -281,20 +283,25 @@ def regime_table(df: pd.DataFrame, uvc: str = "uvc") -> pd.DataFrame:
         b = base[base.method == best]
         sd = max(mine.top1.std() if len(mine) > 1 else 0.0, b.top1.std() if len(b) > 1 else 0.0)
         gap = mine.top1.mean() - b.top1.mean()
+        paired = (mine.set_index("seed").top1 - b.set_index("seed").top1).dropna()  # same seed: same data order
         rows.append({"budget": budget, "uvc": mine.top1.mean(), "uvc_sd": mine.top1.std(), "uvc_seeds": len(mine),
                      "baseline": best, "baseline_top1": b.top1.mean(), "baseline_sd": b.top1.std(),
-                     "baseline_seeds": len(b), "gap": gap,
-                     "verdict": "UVC better" if gap > sd else "baseline better" if gap < -sd else "within noise"})
+                     "baseline_seeds": len(b), "gap": gap, "paired_gap": paired.mean(), "paired_sd": paired.std(),
+                     "paired_seeds": len(paired)})
+        if len(paired) > 1:  # seeds in common: judge the per-seed difference against its own spread
+            gap, sd = paired.mean(), paired.std()
+        rows[-1]["verdict"] = "UVC better" if gap > sd else "baseline better" if gap < -sd else "within noise"
     return pd.DataFrame(rows)
 
 
 def regime_markdown(df: pd.DataFrame) -> str:
     r = regime_table(df)
-    lines = ["| budget | uvc top-1 (seeds) | best one-shot on validation | its top-1 (seeds) | gap | verdict |",
-             "|---:|---:|---|---:|---:|---|"]
+    lines = ["| budget | uvc top-1 (seeds) | best one-shot on validation | its top-1 (seeds) | gap | paired gap, same "
+             "seeds (n) | verdict |", "|---:|---:|---|---:|---:|---:|---|"]
     for x in r.itertuples():
         sd = lambda v, n: f" ± {v:.2f}" if n > 1 else ""  # noqa: E731
         lines.append(f"| {x.budget:g} | {x.uvc:.2f}{sd(x.uvc_sd, x.uvc_seeds)} ({x.uvc_seeds}) | {x.baseline} | "
                      f"{x.baseline_top1:.2f}{sd(x.baseline_sd, x.baseline_seeds)} ({x.baseline_seeds}) | "
-                     f"{x.gap:+.2f} | {x.verdict} |")
+                     f"{x.gap:+.2f} | {x.paired_gap:+.2f}{sd(x.paired_sd, x.paired_seeds)} ({x.paired_seeds}) | "
+                     f"{x.verdict} |")
     return "\n".join(lines) + "\n"
