@@ -146,7 +146,8 @@ def test_read_runs_merges_the_run_settings(runs):
 
 @pytest.mark.parametrize("cfg, label", [({}, "uvc"), ({"kd": "hard"}, "uvc_hard_kd"),
                                         ({"uvc": {"prune": False}}, "uvc_skip_only"),
-                                        ({"uvc": {"block_skip": False}, "kd": "none"}, "uvc_prune_only_no_kd")])
+                                        ({"uvc": {"block_skip": False}, "kd": "none"}, "uvc_prune_only_no_kd"),
+                                        ({"budget_kind": "latency"}, "uvc_latency")])
 def test_method_label_names_the_benchmark_variants(cfg, label):
     from uvclab.compare.benchmark import VARIANTS
     assert run_files.method_label(cfg) == label

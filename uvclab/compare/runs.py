@@ -86,7 +86,7 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 def method_label(config: Mapping) -> str:
     """The benchmark's name for what a `uvclab compress` config does: a one-shot method's name, or 'uvc' plus
     '_prune_only' (no block skipping) or '_skip_only' (no pruning inside blocks), plus '_hard_kd' or '_no_kd'
-    when not soft KD."""
+    when not soft KD, plus '_latency' for a latency budget (its budget is not a MACs ratio)."""
     if config.get("method", "uvc") != "uvc":
         return config["method"]
     uvc = config.get("uvc", {}) or {}
@@ -94,7 +94,8 @@ def method_label(config: Mapping) -> str:
     name = "uvc" + {(True, True): "", (True, False): "_prune_only", (False, True): "_skip_only"}.get(
         (prune, skip), "_nothing")
     kd = config.get("kd", "soft")
-    return name + {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
+    name += {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
+    return name + ("_latency" if config.get("budget_kind", "macs") == "latency" else "")
 
 
 _TIMM_SIZES = {"tiny": (12, 192), "small": (12, 384), "base": (12, 768), "large": (24, 1024), "huge": (32, 1280)}

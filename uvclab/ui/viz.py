@@ -302,7 +302,7 @@ def plot_pareto(df: pd.DataFrame, x: str = "macs_ratio", y: str = "top1", hue: s
         strong = not emphasis or name in emphasis
         colour = EMPHASIS[emphasis.index(name) % len(EMPHASIS)] if emphasis and strong else f"C{k % 10}"
         ax.errorbar(g[x], g[y], yerr=yerr, fmt="-" + MARKERS[k % len(MARKERS)], color=colour,
-                    ms=6.5 if strong else 3.5, lw=2.2 if strong else 0.9, alpha=1 if strong else 0.45,
+                    ms=6.5 if strong else 4.5, lw=2.2 if strong else 1.0, alpha=1 if strong else 0.6,
                     capsize=4 if strong else 2, elinewidth=1.4 if strong else 0.8, zorder=3 + i,
                     label=str(name))
     if teacher is not None:
