@@ -366,3 +366,20 @@ def test_benchmark_pareto_any_subset(tmp_path, methods, budgets):
         assert lines["uvc"].get_linewidth() > lines["depth"].get_linewidth()
         assert "error bars: sd over seeds" in fig.get_supxlabel().replace("\n", " ")
         assert lines["magnitude"].get_linewidth() == lines["uvc"].get_linewidth()   # the best baseline is bold
+
+
+def test_speedup_and_accuracy_latency_figures_say_what_is_timed():
+    from uvclab.ui.latency_viz import plot_accuracy_latency, plot_speedup
+    sweep = pd.DataFrame({"MACs ratio": [0.3, 0.5, 0.7], "speedup": [2.9, 1.8, 1.3]})
+    run = pd.DataFrame([{"label": "run b0.50 vs its teacher", "MACs ratio": 0.5, "speedup": 1.5}])
+    fig = plot_speedup(sweep, "uniform structures, random weights", run, title="timed", caption="what is timed")
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert "1.50x (75 % of ideal)" in texts and "1.80x (90 % of ideal)" in texts
+    assert any("run b0.50" in t.get_text() for t in ax.get_legend().get_texts())
+    both = pd.DataFrame({"budget kind": ["latency", "macs"], "budget": [0.5, 0.4], "measured latency ratio": [0.49, 0.53],
+                         "MACs ratio": [0.39, 0.4], "test top-1": [87.4, 87.2], "test images": [10000, 10000]},
+                        index=["b0.50", "macs_b0.400"])
+    fig = plot_accuracy_latency(both, teacher_top1=89.0, budget=0.5, title="t")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert all("10,000 test images" in lb for lb in labels if "%" in lb) and len(fig.axes[0].containers) == 2

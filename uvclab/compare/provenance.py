@@ -53,12 +53,13 @@ def _fmt(v) -> str:
 def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
     """One row per finished run under `runs_root` (default `paths.runs_dir()`): teacher, teacher_top1,
     model (as built, `uvclab.compare.runs.model_label`), family, run (folder relative to the root), method, budget, seed, kd, changes (settings that differ from
-    the family's most common value, 'key=value; ...', besides method, budget, seed and kd, which are columns), top1, macs, macs_ratio, path. Sorted by teacher,
+    the family's most common value, 'key=value; ...', besides method, budget, seed and kd, which are columns), top1,
+    test_samples (the test images top1 was measured on), macs, macs_ratio, path. Sorted by teacher,
     family, method, budget."""
     root = Path(runs_root or runs_dir())
     runs = read_runs(root)
     cols = ["teacher", "teacher_top1", "model", "family", "run", "method", "budget", "seed", "kd", "changes", "top1",
-            "macs", "macs_ratio", "path"]
+            "test_samples", "macs", "macs_ratio", "path"]
     if not len(runs):
         return pd.DataFrame(columns=cols)
     rows, configs = [], []
@@ -72,7 +73,7 @@ def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
                      "recipe": json.dumps([r.dataset, r.model_name, r.model_kwargs, recipe], sort_keys=True,
                                           default=str),
                      "model": r.model, "run": rel, "method": r.method, "budget": r.budget, "seed": getattr(r, "seed", None),
-                     "kd": cfg.get("kd"), "top1": r.top1, "macs": r.macs, "macs_ratio": r.macs_ratio,
+                     "kd": cfg.get("kd"), "top1": r.top1, "test_samples": getattr(r, "test_samples", None), "macs": r.macs, "macs_ratio": r.macs_ratio,
                      "path": r.path})
         configs.append({k: v for k, v in cfg.items() if k not in NOT_RECIPE and not k.startswith("run.")})
     df = pd.DataFrame(rows)

@@ -121,8 +121,9 @@ def plot_flipped_gallery(comp, kind: str = "right_to_wrong", limit: int = 12, co
     and both predictions (with the probability each side gives its prediction)."""
     flips = comp.flipped(kind, limit)
     n = max(len(flips), 1)
+    cols = min(cols, n)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.55 * cols, 1.75 * rows + 0.5), dpi=DPI, squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(max(1.7 * cols, 4.5), 1.8 * rows + 0.5), dpi=DPI, squeeze=False,
                              layout="constrained")
     images = comp.images(flips["index"].to_numpy())
     for k, ax in enumerate(axes.flat):
@@ -133,7 +134,7 @@ def plot_flipped_gallery(comp, kind: str = "right_to_wrong", limit: int = 12, co
         img = images[k]
         ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None, interpolation="nearest")
         ax.set_title(f"#{r['index']} true {r['label']}\nA: {r['pred_a']} {r['conf_a']:.2f}\n"
-                     f"B: {r['pred_b']} {r['conf_b']:.2f}", fontsize=7)
+                     f"B: {r['pred_b']} {r['conf_b']:.2f}", fontsize=8)
     what = {"right_to_wrong": "A right, B wrong", "wrong_to_right": "A wrong, B right"}[kind]
     total = len(getattr(comp, kind))
     fig.suptitle(f"Flipped predictions ({what}): {min(limit, total)} of {total}"
@@ -173,18 +174,25 @@ def plot_provenance(prov: pd.DataFrame, max_runs: int = 60) -> Figure:
     """The provenance tree of `uvclab.compare.provenance.provenance`: teacher -> family -> run. Boxes for the
     teacher (name, test top-1) and each family (the model as built, its folder, how many runs); edges end on
     the box borders; each run is a marker coloured by method with a label (run, method, budget, seed, KD,
-    top-1 and what it changed from its family). Text is 8 pt at the figure's dpi (90)."""
+    top-1 with its test size and what it changed from its family). Text is 8 pt at the figure's dpi (90)."""
     from matplotlib.patches import FancyBboxPatch
     prov = prov.head(max_runs)
-    n = max(len(prov), 1)
-    row_h = 0.2                                         # inches per run row
-    fig, ax = plt.subplots(figsize=(12, row_h * n + 1.0), dpi=DPI, layout="constrained")
+    order = [i for _, g in prov.groupby(["teacher", "family"], sort=False) for i in g.index]
+    gaps = sum(1 for k in range(1, len(order))          # a blank row between families: their boxes never touch
+               if prov.loc[order[k], "family"] != prov.loc[order[k - 1], "family"])
+    n = max(len(prov) + gaps, 1)
+    row_h = 0.18                                        # inches per run row (8 pt text: 0.11 in)
+    fig, ax = plt.subplots(figsize=(11, row_h * n + 0.9), dpi=DPI, layout="constrained")
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.8, n - 0.2)
     styles = method_colours(prov["method"])
-    ys = {i: n - 1 - k for k, i in enumerate(prov.index)}
-    T0, T1, F0, F1, RX = 0.0, 0.13, 0.17, 0.40, 0.44      # teacher box, family box, run marker (axes x)
-    half = lambda k: max(0.42, 0.5 * k * 0.75)          # noqa: E731  half box height (rows) for k text lines
+    ys, y = {}, n - 1
+    for k, i in enumerate(order):
+        if k and prov.loc[i, "family"] != prov.loc[order[k - 1], "family"]:
+            y -= 1
+        ys[i], y = y, y - 1
+    T0, T1, F0, F1, RX = 0.0, 0.14, 0.18, 0.41, 0.45      # teacher box, family box, run marker (axes x)
+    half = lambda k: max(0.42, 0.5 * k * 0.72)          # noqa: E731  half box height (rows) for k text lines
 
     def box(x0, x1, y, text, k, weight="normal"):
         h = half(k)
@@ -195,7 +203,7 @@ def plot_provenance(prov: pd.DataFrame, max_runs: int = 60) -> Figure:
     for t, tg in prov.groupby("teacher", sort=False):
         ty = float(np.mean([ys[i] for i in tg.index]))
         top1 = tg["teacher_top1"].iloc[0]
-        box(T0, T1, ty, f"teacher\n{t}" + (f"\n{top1:.2f} % test" if pd.notna(top1) else ""), 3, "bold")
+        box(T0, T1, ty, f"teacher\n{t}" + (f"\n{top1:.2f} % (full test)" if pd.notna(top1) else ""), 3, "bold")
         for f, fg in tg.groupby("family", sort=False):
             fy = float(np.mean([ys[i] for i in fg.index]))
             folder = f.split(": ", 1)[-1]
@@ -207,8 +215,10 @@ def plot_provenance(prov: pd.DataFrame, max_runs: int = 60) -> Figure:
                 name = r["run"][len(folder) + 1:] if r["run"].startswith(folder + "/") else r["run"]
                 ax.plot([F1, RX - 0.006], [fy, ys[i]], color="#bbb", lw=0.7, zorder=1)
                 ax.scatter([RX], [ys[i]], c=colour, marker=marker, s=28, zorder=3)
+                n_test = r.get("test_samples")
+                on = f" ({int(n_test):,} test)" if n_test is not None and pd.notna(n_test) else ""
                 ax.text(RX + 0.012, ys[i], f"{name}   {r['method']} B={r['budget']:g}  seed {r['seed']}  kd {r['kd']}  "
-                        f"{r['top1']:.2f} %" + (f"   [{r['changes']}]" if r["changes"] else ""),
+                        f"{r['top1']:.2f} %{on}" + (f"   [{r['changes']}]" if r["changes"] else ""),
                         va="center", fontsize=8)
     ax.axis("off")
     ax.set_title("Provenance: teacher -> family (one recipe: model, data, epochs, learning rates) -> run, "

@@ -79,12 +79,12 @@ def plot_speedup(sweep: pd.DataFrame, sweep_label: str, runs: Optional[pd.DataFr
     for k, (_, r) in enumerate((runs if runs is not None else pd.DataFrame()).iterrows()):
         ax.plot([r["MACs ratio"]], [r["speedup"]], "D*^v"[k % 4], color=LATENCY_COLOUR if k == 0 else f"C{k + 2}",
                 ms=9, label=r["label"])
-    for k, p in enumerate(pts):              # sweep labels above-right, run labels below-right: no overlap
+    for k, p in enumerate(pts):              # sweep labels above-right, run labels below-left: no overlap
         for _, r in p.iterrows():
             ax.annotate(f"{r['speedup']:.2f}x ({100 * r['speedup'] * r['MACs ratio']:.0f} % of ideal)",
-                        (r["MACs ratio"], r["speedup"]), textcoords="offset points", xytext=(9, 6 if k == 0 else -14),
-                        fontsize=8, color="k" if k == 0 else LATENCY_COLOUR,
-                        bbox=dict(boxstyle="square,pad=0.1", fc="w", ec="none", alpha=0.8))
+                        (r["MACs ratio"], r["speedup"]), textcoords="offset points",
+                        xytext=(9, 6) if k == 0 else (-10, -14), ha="left" if k == 0 else "right",
+                        fontsize=8, color="k" if k == 0 else LATENCY_COLOUR)
     ax.set(xlabel="MACs ratio of the exported model (fraction of its dense model)",
            ylabel="measured speedup over dense (x)", title=title)
     ax.title.set_fontsize(9)
