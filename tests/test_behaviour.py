@@ -144,6 +144,8 @@ def test_compare_view_follows_the_selection(runs):
     png = lambda out: out.outputs[0]["data"]["image/png"]  # noqa: E731
     before = (box.summary_html.value, png(box.class_out), png(box.gallery_out), png(box.structure_out))
     assert "agreement" in before[0] and box.comparison.a.kind == "teacher"
+    n = f"{len(box.comparison.labels):,} test images"
+    assert n in before[0] and all("test images" in lb for lb, v in box.run_a.options if v != "teacher")
     box.run_a.value = str(runs["baselines/magnitude_b0.50"])
     box.run_b.value = str(runs["sweep/uvc_b0.30"])
     after = (box.summary_html.value, png(box.class_out), png(box.gallery_out), png(box.structure_out))

@@ -44,11 +44,12 @@ TINY = {
     "04_pruning_ratios": dict(TINY_RUN, budgets=[0.4, 0.8], resume=None),
     "05_export_and_speed": dict(img_size=32, num_classes=10, batch_size=2, bench_budgets=[0.5],
                                 bench_batch_size=4, bench_rounds=1),
-    "06_results": {},
+    "06_results": dict(baseline_budgets=[0.4], resume=None),   # 04's tiny budgets: one magnitude run at 0.4
     "07_explorer": {},
-    "08_compare_runs": dict(TINY_RUN, uvc_budgets=[0.8, 0.4], baselines=["magnitude"], gallery_size=4),
+    "08_compare_runs": dict(TINY_RUN, uvc_budgets=[0.8, 0.4], baselines=["magnitude"], gallery_size=4, resume=None),
     "09_latency_budget": dict(dataset="digits", search_epochs=1, finetune_epochs=1, max_steps_per_epoch=3,
-                              batch_size=32, threads=1, macs_ratio=0.6, latency_batch_size=4, table_rounds=1),
+                              batch_size=32, threads=1, macs_ratio=0.6, latency_batch_size=4, table_rounds=1,
+                              timing_rounds=3, resume=None),
 }
 PRODUCERS = ["02_mask_learning", "03_distillation_ablations", "04_pruning_ratios"]   # write runs for 06, 07
 

@@ -56,6 +56,6 @@ def test_sweeps_and_benchmarks_are_families_with_their_changes(tmp_path):
     assert s["runs"].sum() == 13 and s.loc[("digits_vit", "digits_vit: bench/runs"), "methods"] == "magnitude, uvc, uvc_no_kd"
     fig = plot_provenance(p)
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert any("bench/runs (6)" in t for t in texts) and any("kd none" in t for t in texts) and any("uvc.zlr=0.5" in t for t in texts)
+    assert any("bench/runs (6 runs)" in t for t in texts) and any("kd none" in t for t in texts) and any("uvc.zlr=0.5" in t for t in texts)
     plt.close(fig)
     assert provenance(tmp_path / "empty").empty

@@ -146,7 +146,8 @@ def test_read_runs_merges_the_run_settings(runs):
 
 @pytest.mark.parametrize("cfg, label", [({}, "uvc"), ({"kd": "hard"}, "uvc_hard_kd"),
                                         ({"uvc": {"prune": False}}, "uvc_skip_only"),
-                                        ({"uvc": {"block_skip": False}, "kd": "none"}, "uvc_prune_only_no_kd")])
+                                        ({"uvc": {"block_skip": False}, "kd": "none"}, "uvc_prune_only_no_kd"),
+                                        ({"budget_kind": "latency"}, "uvc_latency")])
 def test_method_label_names_the_benchmark_variants(cfg, label):
     from uvclab.compare.benchmark import VARIANTS
     assert run_files.method_label(cfg) == label
@@ -247,9 +248,9 @@ def test_render_run(runs):
 def test_explorer_slider_updates_summary(runs):
     root, reports = runs
     box = explorer(root)
-    # families: dataset / model, plus the parent folder when it is not the runs root itself
-    assert box.dropdown.options == ("digits / deit_small_patch16_224",
-                                    "fashion_mnist / deit_small_patch16_224  \u00b7  other")
+    # families: dataset / model as built, plus the parent folder when it is not the runs root itself
+    assert box.dropdown.options == ("digits / ViT 4x384, patch 8, 32 px",
+                                    "fashion_mnist / ViT 4x384, patch 8, 32 px  \u00b7  other")
     assert box.dropdown.value == box.dropdown.options[0]
     assert [lb for lb, _ in box.slider.options] == ["0.50", "0.70"]
     before = box.summary_html.value
@@ -282,8 +283,8 @@ def test_families_split_by_folder_and_table_proportions(tmp_path, model):
                                  ("ablate", "no_kd", 0.5)]:
         write_run(root / folder / name, model, uniform_structure(model, budget), budget)
     box = explorer(root)
-    assert set(box.dropdown.options) == {"digits / deit_small_patch16_224  \u00b7  sweep",
-                                         "digits / deit_small_patch16_224  \u00b7  ablate"}
+    assert set(box.dropdown.options) == {"digits / ViT 4x384, patch 8, 32 px  \u00b7  sweep",
+                                         "digits / ViT 4x384, patch 8, 32 px  \u00b7  ablate"}
     assert box.dropdown.value.endswith("sweep")                   # the family with the most budgets first
     assert [lb for lb, _ in box.slider.options] == ["0.30", "0.50"]
     box.dropdown.value = box.dropdown.value.replace("sweep", "ablate")
@@ -304,3 +305,81 @@ def test_explorer_shows_busy_cue(tmp_path, model):
     box.summary_html.observe(lambda c: seen.append(c["new"]), names="value")
     box.slider.value = 0.3
     assert len(seen) == 2 and "computing" in seen[0] and "computing" not in seen[1]
+
+
+@pytest.mark.parametrize("name, kwargs, label", [
+    ("deit_tiny_patch16_224", {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 12, "num_heads": 3},
+     "ViT 12x96, patch 7, 28 px"),
+    ("deit_small_patch16_224", {}, "ViT 12x384, patch 16, 224 px"),
+    ("vit_base_patch32_384", '{"num_classes": 10}', "ViT 12x768, patch 32, 384 px"),
+    ("t2t_vit_14", {}, "T2T-ViT 14x384, 224 px"),
+    ("something_else", {}, "something_else")])
+def test_model_label_names_the_model_as_built(name, kwargs, label):
+    assert run_files.model_label(name, kwargs) == label
+
+
+def test_pareto_points_group_by_settings_and_count_copies_once(tmp_path, model):
+    root = tmp_path / "runs"
+    cfg = "dataset: digits\nmacs_ratio: {b}\nseed: {s}\nsearch_epochs: {e}\n"
+    for folder, name, b, s, e, top1 in [("04_sweep", "b0.5", 0.5, 0, 5, 80.0), ("03_abl", "uvc", 0.5, 0, 5, 80.0),
+                                        ("04_sweep", "b0.5_s1", 0.5, 1, 5, 82.0), ("04_sweep", "b0.3", 0.3, 0, 5, 75.0),
+                                        ("02_one", "b0.5", 0.5, 0, 9, 70.0)]:
+        write_run(root / folder / name, model, uniform_structure(model, b), b, top1=top1)
+        (root / folder / name / "config.yaml").write_text(cfg.format(b=b, s=s, e=e))
+    runs = run_files.read_runs(root)
+    assert set(runs["model"]) == {"ViT 4x384, patch 8, 32 px"}
+    pts = run_files.pareto_points(runs, root).set_index(["label", "budget"])
+    assert sorted(set(pts.index.get_level_values(0))) == ["uvc (nb 02)", "uvc (nb 03+04)"]  # never averaged together
+    p = pts.loc[("uvc (nb 03+04)", 0.5)]
+    assert p["seeds"] == 2 and p["runs"] == 3 and p["top1"] == 81.0                       # the copy counts once
+    assert abs(p["top1_sd"] - np.std([80, 82], ddof=1)) < 1e-9
+    assert pts.loc[("uvc (nb 02)", 0.5), "top1"] == 70.0 and np.isnan(pts.loc[("uvc (nb 02)", 0.5), "top1_sd"])
+
+
+def _bench_rows(methods, budgets, seeds=(0,)):
+    rows = []
+    for i, m in enumerate(methods):
+        for b in budgets:
+            for s in seeds if m in ("uvc", "magnitude") else (0,):
+                rows.append(dict(method=m, budget=b, macs_ratio=b - 0.005, top1=80 + 10 * b - i * 0.3 + 0.1 * s,
+                                 teacher_top1=89.0, seed=s, val_top1=80 + 10 * b - i * 0.3,
+                                 val_top1_before_finetune=70.0, search_end_macs_ratio=b, blocks_kept=12,
+                                 params_ratio=b, speedup=1 / b, ort_speedup=1 / b, test_samples=10000))
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("methods, budgets", [
+    (["uvc", "uvc_norm", "uvc_prune_only", "magnitude", "magnitude_lstsq", "activation", "depth"], [0.5, 0.3, 0.2, 0.15]),
+    (["magnitude", "uniform"], [0.5]),                      # no UVC at all
+    (["uvc"], [0.3])])                                      # no baseline, one point
+def test_benchmark_pareto_any_subset(tmp_path, methods, budgets):
+    df = _bench_rows(methods, budgets, seeds=(0, 1, 2))
+    paths = viz.write_results(df, tmp_path, "fashion_mnist")
+    assert paths["png"].stat().st_size > 0 and plt.get_fignums() == []
+    fig = viz.plot_benchmark_pareto(df, "fashion_mnist")
+    ax = fig.axes[0]
+    assert "Fashion-MNIST" in ax.get_title() and "10,000-image test set" in ax.get_title()
+    assert ("3 seeds" in ax.get_title()) == any(m in methods for m in ("uvc", "magnitude"))
+    assert fig.legends and ax.get_legend() is None                   # the legend sits outside the axes
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}    # errorbar containers: label -> data line
+    if "uvc" in methods and "magnitude" in methods:
+        assert lines["uvc"].get_linewidth() > lines["depth"].get_linewidth()
+        assert "error bars: sd over seeds" in fig.get_supxlabel().replace("\n", " ")
+        assert lines["magnitude"].get_linewidth() == lines["uvc"].get_linewidth()   # the best baseline is bold
+
+
+def test_speedup_and_accuracy_latency_figures_say_what_is_timed():
+    from uvclab.ui.latency_viz import plot_accuracy_latency, plot_speedup
+    sweep = pd.DataFrame({"MACs ratio": [0.3, 0.5, 0.7], "speedup": [2.9, 1.8, 1.3]})
+    run = pd.DataFrame([{"label": "run b0.50 vs its teacher", "MACs ratio": 0.5, "speedup": 1.5}])
+    fig = plot_speedup(sweep, "uniform structures, random weights", run, title="timed", caption="what is timed")
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert "1.50x (75 % of ideal)" in texts and "1.80x (90 % of ideal)" in texts
+    assert any("run b0.50" in t.get_text() for t in ax.get_legend().get_texts())
+    both = pd.DataFrame({"budget kind": ["latency", "macs"], "budget": [0.5, 0.4], "measured latency ratio": [0.49, 0.53],
+                         "MACs ratio": [0.39, 0.4], "test top-1": [87.4, 87.2], "test images": [10000, 10000]},
+                        index=["b0.50", "macs_b0.400"])
+    fig = plot_accuracy_latency(both, teacher_top1=89.0, budget=0.5, title="t")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert all("10,000 test images" in lb for lb in labels if "%" in lb) and len(fig.axes[0].containers) == 2

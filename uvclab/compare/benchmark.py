@@ -46,7 +46,7 @@ ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)
 METHODS = tuple(VARIANTS)
 COLUMNS = ["method", "budget", "macs_ratio", "params_ratio", "top1", "teacher_top1", "speedup", "ort_speedup", "seed",
            "val_top1", "val_top1_before_finetune", "repair", "val_top1_before_repair", "search_end_macs_ratio", "macs_ratio_calculator", "blocks_kept",
-           "train_images", "seconds"]
+           "train_images", "seconds", "dataset", "test_samples"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,13 +52,14 @@ def _fmt(v) -> str:
 
 def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
     """One row per finished run under `runs_root` (default `paths.runs_dir()`): teacher, teacher_top1,
-    family, run (folder relative to the root), method, budget, seed, kd, changes (settings that differ from
-    the family's most common value, 'key=value; ...', besides method, budget, seed and kd, which are columns), top1, macs, macs_ratio, path. Sorted by teacher,
+    model (as built, `uvclab.compare.runs.model_label`), family, run (folder relative to the root), method, budget, seed, kd, changes (settings that differ from
+    the family's most common value, 'key=value; ...', besides method, budget, seed and kd, which are columns), top1,
+    test_samples (the test images top1 was measured on), macs, macs_ratio, path. Sorted by teacher,
     family, method, budget."""
     root = Path(runs_root or runs_dir())
     runs = read_runs(root)
-    cols = ["teacher", "teacher_top1", "family", "run", "method", "budget", "seed", "kd", "changes", "top1",
-            "macs", "macs_ratio", "path"]
+    cols = ["teacher", "teacher_top1", "model", "family", "run", "method", "budget", "seed", "kd", "changes", "top1",
+            "test_samples", "macs", "macs_ratio", "path"]
     if not len(runs):
         return pd.DataFrame(columns=cols)
     rows, configs = [], []
@@ -71,8 +72,8 @@ def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
         rows.append({"teacher": teacher, "teacher_top1": t_top1 if t_top1 is not None else r.teacher_top1,
                      "recipe": json.dumps([r.dataset, r.model_name, r.model_kwargs, recipe], sort_keys=True,
                                           default=str),
-                     "run": rel, "method": r.method, "budget": r.budget, "seed": getattr(r, "seed", None),
-                     "kd": cfg.get("kd"), "top1": r.top1, "macs": r.macs, "macs_ratio": r.macs_ratio,
+                     "model": r.model, "run": rel, "method": r.method, "budget": r.budget, "seed": getattr(r, "seed", None),
+                     "kd": cfg.get("kd"), "top1": r.top1, "test_samples": getattr(r, "test_samples", None), "macs": r.macs, "macs_ratio": r.macs_ratio,
                      "path": r.path})
         configs.append({k: v for k, v in cfg.items() if k not in NOT_RECIPE and not k.startswith("run.")})
     df = pd.DataFrame(rows)
@@ -80,7 +81,7 @@ def provenance(runs_root: str | Path | None = None) -> pd.DataFrame:
     for (teacher, _), g in df.groupby(["teacher", "recipe"], sort=False):
         folders = [str(Path(p).parent) for p in g["run"]]
         common = os.path.commonpath(folders) if all(f != "." for f in folders) else "."
-        df.loc[g.index, "family"] = f"{teacher}: {common if common not in ('', '.') else 'runs'}"
+        df.loc[g.index, "family"] = f"{teacher}: {common if common not in ('', '.') else 'several folders'}"
         keys = sorted({k for i in g.index for k in configs[i]} - set(SHOWN))
         uses = lambda i, k: not k.startswith("uvc.") or configs[i].get("method", "uvc") == "uvc"  # noqa: E731
         mode = {k: _reference(str(configs[i].get(k)) for i in g.index if uses(i, k)) for k in keys}

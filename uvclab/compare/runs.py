@@ -5,7 +5,9 @@ Works on what `compress` writes (and on run folders of earlier versions: renamed
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -84,7 +86,7 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 def method_label(config: Mapping) -> str:
     """The benchmark's name for what a `uvclab compress` config does: a one-shot method's name, or 'uvc' plus
     '_prune_only' (no block skipping) or '_skip_only' (no pruning inside blocks), plus '_hard_kd' or '_no_kd'
-    when not soft KD."""
+    when not soft KD, plus '_latency' for a latency budget (its budget is not a MACs ratio)."""
     if config.get("method", "uvc") != "uvc":
         return config["method"]
     uvc = config.get("uvc", {}) or {}
@@ -92,12 +94,93 @@ def method_label(config: Mapping) -> str:
     name = "uvc" + {(True, True): "", (True, False): "_prune_only", (False, True): "_skip_only"}.get(
         (prune, skip), "_nothing")
     kd = config.get("kd", "soft")
-    return name + {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
+    name += {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
+    return name + ("_latency" if config.get("budget_kind", "macs") == "latency" else "")
+
+
+_TIMM_SIZES = {"tiny": (12, 192), "small": (12, 384), "base": (12, 768), "large": (24, 1024), "huge": (32, 1280)}
+_T2T = {"t2t_vit_7": (7, 256), "t2t_vit_10": (10, 256), "t2t_vit_12": (12, 256), "t2t_vit_14": (14, 384),
+        "t2t_vit_19": (19, 448), "t2t_vit_24": (24, 512)}
+
+
+def model_label(name: Optional[str], kwargs: Optional[Mapping | str] = None) -> str:
+    """The model as built, from a report's model name and kwargs: 'ViT 12x96, patch 7, 28 px' (depth x width,
+    patch, image size), 'T2T-ViT 14x384, 224 px'. The timm name only supplies what the kwargs do not override
+    (a 28 px width-96 model built from 'deit_tiny_patch16_224' is not a DeiT-Tiny); an unknown name is returned
+    as it is."""
+    kw = json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs or {})
+    name = name or "?"
+    if name in _T2T:
+        depth, width = _T2T[name]
+        return f"T2T-ViT {kw.get('depth', depth)}x{kw.get('embed_dim', width)}, {kw.get('img_size', 224)} px"
+    size = re.search(r"_(tiny|small|base|large|huge)", name)
+    patch = re.search(r"patch(\d+)(?:_(\d+))?", name)
+    if not size and not {"depth", "embed_dim"} <= set(kw):
+        return name
+    depth, width = _TIMM_SIZES[size.group(1)] if size else (None, None)
+    depth, width = kw.get("depth", depth), kw.get("embed_dim", width)
+    p = kw.get("patch_size", int(patch.group(1)) if patch else None)
+    img = kw.get("img_size", int(patch.group(2)) if patch and patch.group(2) else 224)
+    return f"ViT {depth}x{width}" + (f", patch {p}" if p else "") + f", {img} px"
+
+
+NOT_SETTINGS = ("method", "macs_ratio", "budget", "seed", "resume", "data_root")  # and the run.* section
+
+
+def settings_key(config: Mapping) -> str:
+    """A short fingerprint of what a run computed apart from its method, budget and seed (a config by section,
+    as `run_config` returns it): two runs with the same key differ only in those, so they may be averaged over
+    seeds and drawn on one line; runs with different keys never are. How the job ran (`run.*`: device,
+    threads, bars) does not count."""
+    flat = {k: v for k, v in flat_config(config).items() if k not in NOT_SETTINGS and not k.startswith("run.")}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def pareto_points(runs: pd.DataFrame, root: str | Path) -> pd.DataFrame:
+    """`read_runs` rows grouped into Pareto points: one per (model, method, settings, budget), settings being
+    `settings_key` of each run's config. Runs with the same config and seed (copies, e.g. one run reused by two
+    notebooks) count once; different seeds give the mean, the sd (`top1_sd`, NaN for one seed) and `seeds`.
+    `label`: the method plus the folders (relative to `root`, first part: the notebook that wrote them) its runs
+    came from, and '#k' where one method has several settings under the same folders."""
+    cols = ["model", "method", "settings", "label", "budget", "macs_ratio", "top1", "top1_sd", "seeds", "runs",
+            "test_samples", "teacher_top1", "folders"]
+    if not len(runs):
+        return pd.DataFrame(columns=cols)
+    df = runs.copy()
+    for col in ("test_samples", "teacher_top1"):      # reports of older versions may lack them
+        if col not in df:
+            df[col] = float("nan")
+    if "model" not in df:
+        df["model"] = [model_label(n, k) for n, k in zip(df["model_name"], df["model_kwargs"])]
+    df["settings"] = [settings_key(run_config(p)) for p in df["path"]]
+    df["folder"] = [Path(p).resolve().relative_to(Path(root).resolve()).parts[0]
+                    if Path(p).resolve() != Path(root).resolve() else "." for p in df["path"]]
+    seed = df["seed"] if "seed" in df else 0
+    df["seed_"] = seed
+    keys = ["model", "method", "settings", "budget"]
+    one = (df.groupby(keys + ["seed_"], as_index=False, sort=False)   # copies of one run: once
+             .agg(macs_ratio=("macs_ratio", "mean"), top1=("top1", "mean"), runs=("path", "size"),
+                  test_samples=("test_samples", "min"), teacher_top1=("teacher_top1", "first"),
+                  folders=("folder", lambda s: sorted(set(s)))))
+    pts = (one.groupby(keys, as_index=False, sort=False)
+              .agg(macs_ratio=("macs_ratio", "mean"), top1_sd=("top1", "std"), top1=("top1", "mean"),
+                   seeds=("seed_", "nunique"), runs=("runs", "sum"), test_samples=("test_samples", "min"),
+                   teacher_top1=("teacher_top1", "first"), folders=("folders", lambda s: sorted(set(sum(s, []))))))
+    where = pts.groupby(["model", "method", "settings"], sort=False)["folders"].agg(lambda s: sorted(set(sum(s, []))))
+    short = {k: "+".join(f[:2] if re.match(r"\d\d_", f) else f for f in v) for k, v in where.items()}
+    labels, seen = {}, {}
+    for (model, method, settings), tag in short.items():
+        n = seen[(model, method, tag)] = seen.get((model, method, tag), 0) + 1
+        nb = "nb " if re.match(r"\d", tag) else ""
+        labels[(model, method, settings)] = f"{method} ({nb}{tag}" + (f" #{n}" if n > 1 else "") + ")"
+    pts["label"] = [labels[(m, me, s)] for m, me, s in zip(pts["model"], pts["method"], pts["settings"])]
+    return pts[cols].sort_values(["model", "label", "budget"], ignore_index=True)
 
 
 def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
     """One row per finished run folder under `runs_root` (any depth; default `paths.runs_dir()`, i.e.
-    $UVCLAB_RUNS or ./runs): report fields, model_name, model_kwargs (JSON), name (folder), path, and the
+    $UVCLAB_RUNS or ./runs): report fields, model_name, model_kwargs (JSON), model (`model_label`: the model
+    as built), name (folder), path, and the
     run's settings from config.yaml where the report lacks them (`kd`, `warmup_epochs`, ..., `uvc.prune`,
     `uvc.block_skip`, ...). `method` is the report's (benchmark runs) or `method_label(config)`.
 
@@ -117,6 +200,7 @@ def read_runs(runs_root: str | Path | None = None) -> pd.DataFrame:
             r["method"] = r["method"] if r.get("method") not in (None, "uvc") else method_label(cfg)
         rows.append(dict({k: v for k, v in settings.items() if k not in r}, **r, model_name=model.get("name"),
                          model_kwargs=json.dumps(card_kwargs(model.get("name"), model.get("kwargs", {}))),
+                         model=model_label(model.get("name"), model.get("kwargs", {})),
                          name=rep.parent.name,
                          path=str(rep.parent)))
     cols = ["dataset", "model_name", "budget", "method", "name", "path"]

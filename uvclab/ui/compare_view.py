@@ -28,28 +28,47 @@ from uvclab.ui.widgets import _BUSY, _CARD, _png_output, explorer
 KINDS = {"right \u2192 wrong": "right_to_wrong", "wrong \u2192 right": "wrong_to_right"}
 
 
-def run_options(runs, root: Path) -> list[tuple[str, str]]:
+def full_test_size(dataset: str) -> Optional[int]:
+    """Images in the whole test split of `dataset`, from its reference teacher card (None without one)."""
+    import json
+    from uvclab.paths import default_teacher
+    try:
+        card = json.loads(default_teacher(dataset).with_suffix(".json").read_text())
+    except (OSError, ValueError, UvclabError):
+        return None
+    return (card.get("split_sizes") or {}).get("test")
+
+
+def run_options(runs, root: Path, compared_on: Optional[int] = None) -> list[tuple[str, str]]:
     """Dropdown options: ('teacher', 'teacher') then one (label, path) per run, the label naming the folder
-    (relative to root), method, budget and top-1."""
+    (relative to root), the model as built, method and budget, and the report's top-1 with its test size only
+    where the report was measured on `compared_on` images (the images the Compare view evaluates): a run
+    keeps one accuracy in the view; one measured on fewer says so and gets its accuracy from the cards."""
     opts = [("teacher (of the other run)", TEACHER)]
     for r in runs.itertuples():
         try:
             rel = Path(r.path).resolve().relative_to(root.resolve()).as_posix()
         except ValueError:
             rel = Path(r.path).name
-        opts.append((f"{rel}  \u00b7  {r.method} B={r.budget:g}  {r.top1:.2f} %", r.path))
+        n = getattr(r, "test_samples", None)
+        n = int(n) if n is not None and n == n else None
+        acc = (f"{r.top1:.2f} % ({n:,} test images)" if n is not None and (compared_on is None or n == compared_on)
+               else f"report on {n:,} test images only" if n is not None else f"{r.top1:.2f} % (test size unknown)")
+        model = getattr(r, "model", None) or r.model_name
+        opts.append((f"{rel}  \u00b7  {model}  \u00b7  {r.method} B={r.budget:g}  \u00b7  {acc}", r.path))
     return opts
 
 
 def comparison_html(c: Comparison) -> str:
     """Headline cards of a comparison."""
-    cards = [(f"{c.top1_a:.2f}", f"A top-1 % ({c.a.label})"), (f"{c.top1_b:.2f}", f"B top-1 % ({c.b.label})"),
+    n = f"{len(c.labels):,} test images"
+    cards = [(f"{c.top1_a:.2f}", f"A top-1 % ({c.a.label}), {n}"), (f"{c.top1_b:.2f}", f"B top-1 % ({c.b.label}), {n}"),
              (f"{100 * c.agreement:.1f}", "agreement %"), (f"{c.mean_kl:.3f}", "mean KL(A\u2016B), nats"),
              (str(len(c.right_to_wrong)), "right \u2192 wrong"), (str(len(c.wrong_to_right)), "wrong \u2192 right")]
     worst = c.per_class["delta"].idxmin()
     return ('<div class="uvclab-compare-summary">'
             + "".join(_CARD.format(value=v, label=html.escape(k)) for v, k in cards)
-            + f'<div style="font-size:12px;color:#444">{len(c.labels)} test images; the class B loses most on: '
+            + f'<div style="font-size:12px;color:#444">{len(c.labels):,} test images; the class B loses most on: '
             f"<b>{html.escape(str(worst))}</b> ({c.per_class.loc[worst, 'delta']:+.1f} points)</div></div>")
 
 
@@ -81,8 +100,9 @@ def compare_view(runs_root: str | Path | None = None, a=None, b=None, max_sample
     if not len(runs):
         raise UvclabError(f"No finished runs under '{root}' to compare. Run `uvclab compress` (or notebooks "
                           "02-04) first, or point runs_root at a runs folder.")
-    options = run_options(runs, root)
-    layout = W.Layout(width="520px")
+    full = full_test_size(str(runs["dataset"].iloc[0])) if runs["dataset"].nunique() == 1 else None
+    options = run_options(runs, root, max_samples or full)
+    layout = W.Layout(width="760px")
     run_a = W.Dropdown(options=options, value=a or TEACHER, description="A", layout=layout)
     run_b = W.Dropdown(options=options, value=b or options[1][1], description="B", layout=layout)
     kind = W.ToggleButtons(options=list(KINDS), value=list(KINDS)[0], description="flipped")
@@ -102,13 +122,17 @@ def compare_view(runs_root: str | Path | None = None, a=None, b=None, max_sample
                 _show(gallery_out, cf.plot_flipped_gallery(box.comparison, KINDS[kind.value], gallery_size))
             return
         summary_html.value = _BUSY.replace("uvclab-summary", "uvclab-compare-summary")
-        _show(scatter_out, cf.plot_runs_scatter(runs, run_a.value, run_b.value, teacher_top1))
         try:
             box.comparison = compare_runs(run_a.value, run_b.value, max_samples=max_samples)
+            c = box.comparison        # A and B drawn at the accuracy the cards show (one accuracy per run)
+            _show(scatter_out, cf.plot_runs_scatter(runs, run_a.value, run_b.value, teacher_top1,
+                                                    {str(run_a.value): c.top1_a, str(run_b.value): c.top1_b},
+                                                    len(c.labels)))
             text, figs = render_comparison(None, None, KINDS[kind.value], comparison=box.comparison,
                                            gallery_size=gallery_size)
         except (UvclabError, OSError) as e:
             box.comparison = None
+            _show(scatter_out, cf.plot_runs_scatter(runs, run_a.value, run_b.value, teacher_top1))
             summary_html.value = (f'<div class="uvclab-compare-summary" style="color:#b00">Cannot compare: '
                                   f"{html.escape(str(e))}</div>")
             class_out.outputs = gallery_out.outputs = structure_out.outputs = ()

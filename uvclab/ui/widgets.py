@@ -1,7 +1,7 @@
 """An ipywidgets explorer of compressed structures: pick a run family and move a budget slider.
 
-Runs written by `uvclab compress` are grouped into families by dataset + model name + parent folder (a
-budget sweep, an ablation folder); the slider steps over the budgets of the family and shows the run's headline numbers, its `Structure.summary()` table and `plot_masks`.
+Runs written by `uvclab compress` are grouped into families by dataset + model (as built, e.g. 'ViT 12x96,
+patch 7, 28 px': `uvclab.compare.runs.model_label`) + parent folder (a budget sweep, an ablation folder); the slider steps over the budgets of the family and shows the run's headline numbers, its `Structure.summary()` table and `plot_masks`.
 Without runs, pass `model=` to explore `uniform_structure(model, budget)` live. The rendering is the pure
 function `render_run` / `render_structure` (HTML string + Figure), so tests need no browser.
 """
@@ -19,7 +19,7 @@ from uvclab.vit.macs import count, vit_shape
 from uvclab.errors import UvclabError
 from uvclab.paths import STRUCTURE, runs_dir
 from uvclab.vit.structure import Structure
-from uvclab.compare.runs import read_report, read_runs
+from uvclab.compare.runs import model_label, read_report, read_runs
 from uvclab.ui.viz import plot_masks
 
 _CARD = ('<div style="display:inline-block;margin:0 22px 6px 0">'
@@ -65,14 +65,15 @@ def _summary_table(structure: Structure) -> str:
 def render_structure(structure: Structure, numbers: dict, title: str = "") -> tuple[str, Figure]:
     """HTML (headline numbers in large type + per-block summary table) and the mask figure.
 
-    `numbers` may hold macs_ratio, budget, params_ratio, top1, teacher_top1 (percent), blocks_kept;
-    missing ones (None) get no card.
+    `numbers` may hold macs_ratio, budget, params_ratio, top1, teacher_top1 (percent), blocks_kept,
+    test_samples (the accuracy cards name it); missing ones (None) get no card.
     """
     n = numbers
     blocks = n.get("blocks_kept", sum(b.keep for b in structure.blocks))
+    on = f", {n['test_samples']:,} test images" if n.get("test_samples") else ""
     cards = [("MACs ratio", n.get("macs_ratio"), ".3f"), ("budget", n.get("budget"), ".2f"),
-             ("params ratio", n.get("params_ratio"), ".3f"), ("top-1 %", n.get("top1"), ".2f"),
-             ("teacher top-1 %", n.get("teacher_top1"), ".2f")]
+             ("params ratio", n.get("params_ratio"), ".3f"), (f"top-1 %{on}", n.get("top1"), ".2f"),
+             (f"teacher top-1 %{on}", n.get("teacher_top1"), ".2f")]
     cards = [(k, format(v, spec)) for k, v, spec in cards if v is not None]
     cards.append(("blocks kept", f"{blocks} / {structure.depth}"))
     head = f'<div style="font-size:14px;margin-bottom:4px"><b>{html.escape(title)}</b></div>' if title else ""
@@ -87,7 +88,7 @@ def render_run(run_dir: str | Path) -> tuple[str, Figure]:
     run_dir = Path(run_dir)
     rep = read_report(run_dir)
     structure = Structure.load(run_dir / STRUCTURE)
-    model = (rep.get("model") or {}).get("name", "?")
+    model = model_label((rep.get("model") or {}).get("name"), (rep.get("model") or {}).get("kwargs"))
     title = f"{run_dir.name}: {model} on {rep.get('dataset', '?')}"
     return render_structure(structure, rep, title)
 
@@ -111,7 +112,7 @@ def _png_output(fig: Figure, text: str = "<mask figure>") -> dict:
 
 
 def _families(runs, root: Path) -> dict[str, list[tuple[str, str]]]:
-    """Family label -> [(slider label, run path)] in budget order. A family is dataset + model + the run's
+    """Family label -> [(slider label, run path)] in budget order. A family is dataset + model as built + the run's
     parent folder (a budget sweep and an ablation folder are different families); several runs at one budget
     in a family get the folder name in their slider label."""
     runs = runs.copy()
@@ -123,7 +124,9 @@ def _families(runs, root: Path) -> dict[str, list[tuple[str, str]]]:
             rel.append(Path(p).parent.name)
     runs["folder"] = rel
     fam: dict[str, list[tuple[str, str]]] = {}
-    for (ds, name, folder), g in runs.groupby(["dataset", "model_name", "folder"], sort=True):
+    if "model" not in runs:
+        runs["model"] = [model_label(n, k) for n, k in zip(runs["model_name"], runs["model_kwargs"])]
+    for (ds, name, folder), g in runs.groupby(["dataset", "model", "folder"], sort=True):
         g = g.sort_values(["budget", "name"])
         labels = [f"{b:.2f}" for b in g["budget"]]
         dup = {lb for lb in labels if labels.count(lb) > 1}
@@ -161,7 +164,7 @@ def explorer(runs_root: str | Path | None = None, model=None) -> W.VBox:
         # start on the family with the most distinct budgets (a sweep), so the slider has somewhere to go
         start = max(families, key=lambda k: len({lb.split(" ")[0] for lb, _ in families[k]}))
         dropdown = W.Dropdown(options=list(families), value=start, description="runs",
-                              layout=W.Layout(width="460px"))
+                              layout=W.Layout(width="600px"))
         slider = W.SelectionSlider(options=families[dropdown.value], description="budget",
                                    continuous_update=False, layout=W.Layout(width="420px"))
 
