@@ -85,7 +85,8 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 
 def method_label(config: Mapping) -> str:
     """The benchmark's name for what a `uvclab compress` config does: a one-shot method's name, or 'uvc' plus
-    '_prune_only' (no block skipping) or '_skip_only' (no pruning inside blocks), plus '_hard_kd' or '_no_kd'
+    '_prune_only' (no block skipping) or '_skip_only' (no pruning inside blocks), '_no_dims' (value dims kept
+    whole), plus '_hard_kd' or '_no_kd'
     when not soft KD, plus '_latency' for a latency budget (its budget is not a MACs ratio)."""
     if config.get("method", "uvc") != "uvc":
         return config["method"]
@@ -93,6 +94,7 @@ def method_label(config: Mapping) -> str:
     prune, skip = uvc.get("prune", True), uvc.get("block_skip", True)
     name = "uvc" + {(True, True): "", (True, False): "_prune_only", (False, True): "_skip_only"}.get(
         (prune, skip), "_nothing")
+    name += "_no_dims" if prune and not uvc.get("prune_dims", True) else ""   # value dims kept whole
     kd = config.get("kd", "soft")
     name += {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
     return name + ("_latency" if config.get("budget_kind", "macs") == "latency" else "")
