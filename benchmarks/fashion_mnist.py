@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from uvclab.compare.benchmark import METHODS, Protocol, measure_speed, results_table, run_benchmark  # noqa: E402
-from uvclab.ui.viz import write_results  # noqa: E402
+from uvclab.ui.pareto import write_results  # noqa: E402
 from uvclab.uvc import SHORT_RUN_UVC  # noqa: E402
 
 # UVC: search 2 epochs (no warm-up: the student starts as the trained teacher), then fine-tune 6; one-shot

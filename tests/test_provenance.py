@@ -59,3 +59,9 @@ def test_sweeps_and_benchmarks_are_families_with_their_changes(tmp_path):
     assert any("bench/runs (6 runs)" in t for t in texts) and any("kd none" in t for t in texts) and any("uvc.zlr=0.5" in t for t in texts)
     plt.close(fig)
     assert provenance(tmp_path / "empty").empty
+
+
+def test_a_setting_no_run_of_the_family_uses_has_no_reference_value():
+    from uvclab.compare.provenance import _reference
+    assert _reference([]) is None                    # e.g. uvc.* keys in a family of one-shot runs only
+    assert _reference(["a", "a", "b"]) == "a" and _reference(["a", "b"]) is None

@@ -17,6 +17,7 @@ from conftest import random_structure, small_vit  # noqa: E402
 from test_viz import write_run  # noqa: E402
 from uvclab import UvclabError  # noqa: E402
 from uvclab.compare.runs import read_metrics  # noqa: E402
+from uvclab.ui import run_facts as rf  # noqa: E402
 from uvclab.ui import search_viz as sv  # noqa: E402
 from uvclab.vit.structure import Structure  # noqa: E402
 
@@ -91,7 +92,7 @@ def test_scores_and_cuts(run, tmp_path):
     scores = sv.read_scores(folder)
     assert scores["v_dims"].shape == (st.depth, st.num_heads, st.head_dim)
     cuts = sv.score_cuts(scores, st)
-    kept = sv.kept_arrays(st)
+    kept = rf.kept_arrays(st)
     for t in sv.TYPES:
         assert cuts.loc[t, "kept"] == kept[t].sum() and cuts.loc[t, "kept"] + cuts.loc[t, "removed"] == kept[t].size
         sc = scores[t]
@@ -105,15 +106,15 @@ def test_scores_and_cuts(run, tmp_path):
 
 
 def test_binomial_se_and_noise_pairs():
-    assert sv.binomial_se(90.0, 10000) == pytest.approx(100 * math.sqrt(0.9 * 0.1 / 10000))
-    assert sv.binomial_se(np.array([50.0, 100.0]), 100).tolist() == pytest.approx([5.0, 0.0])
-    pairs = sv.noise_pairs({"a": 87.5, "b": 87.2, "c": 85.0}, {"a": 0.33, "b": 0.33, "c": 0.36})
+    assert rf.binomial_se(90.0, 10000) == pytest.approx(100 * math.sqrt(0.9 * 0.1 / 10000))
+    assert rf.binomial_se(np.array([50.0, 100.0]), 100).tolist() == pytest.approx([5.0, 0.0])
+    pairs = rf.noise_pairs({"a": 87.5, "b": 87.2, "c": 85.0}, {"a": 0.33, "b": 0.33, "c": 0.36})
     assert len(pairs) == 3 and pairs.difference.abs().is_monotonic_decreasing
     ab = pairs[(pairs.a == "a") & (pairs.b == "b")].iloc[0]
     assert ab.within_noise and ab.se == pytest.approx(math.hypot(0.33, 0.33))
     assert not pairs[(pairs.a == "a") & (pairs.b == "c")].iloc[0].within_noise
     import pandas as pd
-    fig = sv.plot_accuracy_dots(pd.DataFrame({"v": ["a", "b"], "top1": [87.5, 87.2], "se": [0.3, 0.3]}), "v",
+    fig = rf.plot_accuracy_dots(pd.DataFrame({"v": ["a", "b"], "top1": [87.5, 87.2], "se": [0.3, 0.3]}), "v",
                                 "top1", "se", teacher=89.0)
     assert isinstance(fig, Figure)
 
@@ -121,20 +122,20 @@ def test_binomial_se_and_noise_pairs():
 def test_structure_comparisons(model):
     dense = Structure.dense(model)
     a = random_structure(model, seed=1, skip=False)
-    d = sv.structure_difference(a, a)
+    d = rf.structure_difference(a, a)
     assert (d == 0).all()
-    d = sv.structure_difference(dense, a)
-    k = sv.kept_arrays(a)
+    d = rf.structure_difference(dense, a)
+    k = rf.kept_arrays(a)
     assert d["neurons"] == pytest.approx(1 - k["neurons"].mean()) and 0 < d["all"] < 1 and d["blocks"] == 0
     # nested: dense contains everything; a smaller structure kept inside a larger one
-    nest = sv.nestedness({0.9: dense, 0.5: a})
+    nest = rf.nestedness({0.9: dense, 0.5: a})
     assert (nest.violations == 0).all() and set(nest.type) == set(sv.TYPES)
-    nest = sv.nestedness({0.5: dense, 0.9: a})                       # the larger budget keeps less: violations
+    nest = rf.nestedness({0.5: dense, 0.9: a})                       # the larger budget keeps less: violations
     v = nest.set_index("type").violations
     assert v["neurons"] == (~k["neurons"]).sum() and v["heads"] == (~k["heads"]).sum()
-    kb = sv.kept_by_type({0.5: a, 1.0: dense})
+    kb = rf.kept_by_type({0.5: a, 1.0: dense})
     assert kb.loc[1.0, "heads"] == 1.0 and kb.loc[0.5, "neurons"] == pytest.approx(k["neurons"].mean())
-    e = sv.edge_blocks({0.5: a})
+    e = rf.edge_blocks({0.5: a})
     assert len(e) == 3 and e.set_index("type").loc["neurons", "first"] == pytest.approx(k["neurons"][0].mean())
 
 

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from conftest import random_structure, small_vit  # noqa: E402
 from uvclab import UvclabError  # noqa: E402
 from uvclab.compare import runs as run_files  # noqa: E402
-from uvclab.ui import viz  # noqa: E402
+from uvclab.ui import pareto, viz  # noqa: E402
 from uvclab.prune.baselines import uniform_structure  # noqa: E402
 from uvclab.vit.macs import count  # noqa: E402
 from uvclab.vit.structure import Structure  # noqa: E402
@@ -225,7 +225,7 @@ def test_ratios_pareto_bars(model):
     assert r.loc[1, "heads"] == 0 and r.loc[1, "block_skipped"]
     df = pd.DataFrame(dict(method=["UVC"] * 3 + ["uniform"] * 3, macs_ratio=[0.3, 0.5, 0.7] * 2,
                            top1=[70, 78, 82, 60, 72, 80]))
-    fig = viz.plot_pareto(df, teacher=85.0)
+    fig = pareto.plot_pareto(df, teacher=85.0)
     assert_labelled(fig)
     assert len(fig.axes[0].lines) == 3                         # two methods + teacher line
     fig = viz.plot_accuracy_bars(pd.DataFrame(dict(ablation=["full", "no KD", "no skip"], top1=[80, 75.5, 78])),
@@ -354,9 +354,9 @@ def _bench_rows(methods, budgets, seeds=(0,)):
     (["uvc"], [0.3])])                                      # no baseline, one point
 def test_benchmark_pareto_any_subset(tmp_path, methods, budgets):
     df = _bench_rows(methods, budgets, seeds=(0, 1, 2))
-    paths = viz.write_results(df, tmp_path, "fashion_mnist")
+    paths = pareto.write_results(df, tmp_path, "fashion_mnist")
     assert paths["png"].stat().st_size > 0 and plt.get_fignums() == []
-    fig = viz.plot_benchmark_pareto(df, "fashion_mnist")
+    fig = pareto.plot_benchmark_pareto(df, "fashion_mnist")
     ax = fig.axes[0]
     assert "Fashion-MNIST" in ax.get_title() and "10,000-image test set" in ax.get_title()
     assert ("3 seeds" in ax.get_title()) == any(m in methods for m in ("uvc", "magnitude"))

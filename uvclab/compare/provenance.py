@@ -43,7 +43,7 @@ def _teacher(cfg: dict, dataset: str) -> tuple[str, Optional[float]]:
 def _reference(values) -> Optional[str]:
     """The family's value of a setting: the most common one; None when several tie (then every run shows it)."""
     top = Counter(values).most_common(2)
-    return top[0][0] if len(top) == 1 or top[0][1] > top[1][1] else None
+    return top[0][0] if len(top) == 1 or (top and top[0][1] > top[1][1]) else None
 
 
 def _fmt(v) -> str:

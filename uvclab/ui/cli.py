@@ -143,8 +143,10 @@ def cmd_compress(args) -> None:
 def compress_summary(report: dict, out: Path) -> str:
     name = "UVC" if report["method"] == "uvc" else report["method"]
     kind = "latency" if report.get("budget_kind") == "latency" else "MACs"
+    from uvclab.compare.runs import model_label
+    built = model_label(report["model"]["name"], report["model"].get("kwargs"))
     return "\n".join([
-        f"{name} on {report['dataset']} ({report['model']['name']}), budget {report['budget']:.2f} of dense {kind}",
+        f"{name} on {report['dataset']} ({built}), budget {report['budget']:.2f} of dense {kind}",
         f"  MACs    {report['macs']:,} / {report['dense_macs']:,} = {report['macs_ratio']:.3f}",
         f"  params  {report['params']:,} / {report['dense_params']:,} = {report['params_ratio']:.3f}",
         f"  blocks  {report['blocks_kept']} of {report['depth']} kept",
