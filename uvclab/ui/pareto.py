@@ -3,6 +3,7 @@ baseline emphasised, legend outside), `plot_benchmark_pareto` (the benchmark's f
 seed counts in the title, error bars = sd over seeds) and `write_results` (a benchmark's csv, md and png)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -111,7 +112,7 @@ def plot_benchmark_pareto(df: pd.DataFrame, dataset: str, test_images: Optional[
     seed_text = "; ".join(parts)
     name = DATASET_NAMES.get(dataset, dataset)
     test = f"{test_images:,}-image test set" if test_images else "test size not recorded"
-    title = f"{name}: test top-1 vs MACs ratio, {test}\n{seed_text}"
+    title = f"{name}: test top-1 vs MACs ratio, {test}\n" + "\n".join(textwrap.wrap(seed_text, 75))
     multi = s[s["seeds"] > 1]
     caption = (("Points: mean over seeds; error bars: sd over seeds, drawn where a point has more than one seed "
                 f"({', '.join(sorted(multi['method'].unique()))}); single-seed points have no error bar. ")
