@@ -119,8 +119,9 @@ def copy_without_outputs(src: Path, folder: Path) -> Path:
 
 
 def number(summary: str, label: str) -> float | None:
-    """The headline number above `label` in the summary's text ('0.500\\nMACs ratio' -> 0.5)."""
-    m = re.search(r"([-+]?\d+(?:\.\d+)?)\s*\n\s*" + re.escape(label) + r"\s*\n", summary + "\n")
+    """The headline number above `label` in the summary's text ('0.500\\nMACs ratio' -> 0.5); the label may go on
+    with its test size ('top-1 %, 10,000 test images')."""
+    m = re.search(r"([-+]?\d+(?:\.\d+)?)\s*\n\s*" + re.escape(label) + r"(?:,[^\n]*)?\s*\n", summary + "\n")
     return float(m.group(1)) if m else None
 
 
