@@ -33,7 +33,7 @@ def full_test_size(dataset: str) -> Optional[int]:
     import json
     from uvclab.paths import default_teacher
     try:
-        card = json.loads(default_teacher(dataset).with_suffix(".json").read_text())
+        card = json.loads(default_teacher(dataset).read_text())
     except (OSError, ValueError, UvclabError):
         return None
     return (card.get("split_sizes") or {}).get("test")

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from uvclab.compare.runs import model_label
 from uvclab.errors import UvclabError
 from uvclab.paths import UVC_STATE
 from uvclab.ui.run_facts import TYPES, kept_arrays
@@ -33,19 +34,14 @@ TYPE_LABELS = {"heads": "heads", "v_dims": "value dims", "neurons": "MLP neurons
 
 
 def model_name(model: Mapping) -> str:
-    """A report's `model` entry named as built, e.g. "ViT 12x96, 3 heads, patch 7, 28 px" (not the timm name it was
-    derived from); the timm name when the kwargs do not give the shape."""
+    """A report's `model` entry named as built with its head count, e.g. "ViT 12x96, 3 heads, patch 7, 28 px"
+    (`uvclab.compare.runs.model_label` plus heads); the timm name when the kwargs do not give the shape."""
     kw = model.get("kwargs") or {}
     if not {"depth", "embed_dim"} <= set(kw):
         return str(model.get("name"))
-    parts = [f"ViT {kw['depth']}x{kw['embed_dim']}"]
-    if "num_heads" in kw:
-        parts.append(f"{kw['num_heads']} heads")
-    if "patch_size" in kw:
-        parts.append(f"patch {kw['patch_size']}")
-    if "img_size" in kw:
-        parts.append(f"{kw['img_size']} px")
-    return ", ".join(parts)
+    first, _, rest = model_label(model.get("name"), kw).partition(", ")
+    heads = [f"{kw['num_heads']} heads"] if "num_heads" in kw else []
+    return ", ".join([first, *heads] + ([rest] if rest else []))
 
 
 # ---- one run: the search ----------------------------------------------------------------------------------
