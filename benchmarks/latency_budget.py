@@ -4,16 +4,17 @@
     python benchmarks/latency_budget.py deit_small --steps 200 --threads 1 --batch 4      # DeiT-Small at 224
 
 fm: UVC on the committed Fashion-MNIST teacher under the Fashion-MNIST benchmark's protocol (2 search + 6
-fine-tune epochs of 24 x 128 images, one thread), with `budget_kind: latency` at 0.5 and 0.3 and with MACs
-budgets `--macs-budgets` (default 0.2, 0.15, 0.12: low enough that MACs runs bracket the latency runs' measured
-latency), seeds `--seeds`; with --macs-runs the MACs benchmark's own UVC, magnitude and depth runs (same protocol)
-join them. Afterwards every export and the dense model are timed in one process (alternating rounds, batch 64,
-one thread), the latency table's prediction is set next to each measurement, and each latency budget's mean
-top-1 is set next to MACs-budget UVC's at the same measured latency (interpolated).
+fine-tune epochs of 24 x 128 images, one thread), with `budget_kind: latency` at 0.5 and 0.3 and optionally with
+MACs budgets `--macs-budgets` (default none: the MACs benchmark's UVC runs at 0.5-0.15 bracket the latency runs),
+seeds `--seeds`; with --macs-runs the MACs benchmark's own runs (same protocol) join them (`--methods`: UVC and
+the one-shot cuts). Afterwards every export and the dense model are timed in one process (alternating rounds, batch
+64, one thread), the latency table's prediction is set next to each measurement, and each latency budget's mean
+top-1 is set next to every other method's frontier read at the same measured latency
+(`uvclab.compare.same_latency`; figure latency_budget_fm.png).
 deit_small: a DeiT-Small-shaped model at 224 (random weights: no ImageNet offline, so no accuracy): counts-only
 searches (the UVC update without weight training, `steps` steps), structure selection with the measured
 feedback, export and the same timing: only the latency goals can be checked there.
-Results: benchmarks/results/latency_budget_<part>.{csv,md}.
+Results: benchmarks/results/latency_budget_<part>.{csv,md} (fm: and .png).
 """
 from __future__ import annotations
 
@@ -83,10 +84,10 @@ def fashion_mnist(a) -> pd.DataFrame:
         for name in pool.imap_unordered(_run, jobs):
             print(f"done {name} ({time.time() - t0:.0f} s)", flush=True)
     folders = {j[0]: out / j[0] for j in jobs}
-    if a.macs_runs:  # the MACs benchmark's own runs (same protocol): UVC, and the one-shot cuts timed alongside
+    if a.macs_runs:  # the MACs benchmark's own runs (same protocol): UVC and every one-shot cut, timed alongside
         for f in sorted(Path(a.macs_runs).glob("*_s[0-9]")):
             method, rest = f.name.rsplit("_b", 1)
-            if method in ("uvc", "magnitude", "depth") and (f / "model").exists():
+            if method in a.methods and (f / "model").exists():
                 folders[("macs" if method == "uvc" else method) + "_b" + rest] = f
     teacher = load_teacher(ROOT / "data" / "teachers" / "fashion_mnist_vit.json")
     torch.set_num_threads(1)
@@ -96,29 +97,37 @@ def fashion_mnist(a) -> pd.DataFrame:
     rows = timed_rows(models, dense, table, 64, 1, rounds=a.rounds)
     for r in rows:
         rep = json.loads((folders[r["run"]] / "report.json").read_text())
-        kind = r["run"].rsplit("_b", 1)[0]
+        kind = {"latency": "uvc_latency", "macs": "uvc"}.get(*[r["run"].rsplit("_b", 1)[0]] * 2)
         r.update(kind=kind, budget=rep["budget"], seed=rep["seed"], top1=rep["top1"], val_top1=rep["val_top1"],
                  macs_ratio=rep["macs_ratio"], blocks=rep["blocks_kept"], seconds=rep["seconds"])
     return pd.DataFrame(rows).sort_values(["kind", "budget", "seed"], ascending=[True, False, True])
 
 
-def same_latency(df: pd.DataFrame) -> pd.DataFrame:
-    """Each latency budget's mean over seeds next to UVC with a MACs budget at the same measured latency: the
-    MACs runs' (measured latency, top-1) means per budget, linearly interpolated (None outside their range)."""
-    import numpy as np
-    macs = df[df.kind == "macs"].groupby("budget")[["latency_ratio_measured", "top1"]].mean()
-    macs = macs.sort_values("latency_ratio_measured")
-    rows = []
-    for b, g in df[df.kind == "latency"].groupby("budget"):
-        lat = g.latency_ratio_measured.mean()
-        inside = macs.latency_ratio_measured.min() <= lat <= macs.latency_ratio_measured.max()
-        ref = float(np.interp(lat, macs.latency_ratio_measured, macs.top1)) if inside else None
-        near = (macs.latency_ratio_measured - lat).abs().idxmin()  # the MACs budget measured closest to it
-        rows.append({"budget": b, "seeds": len(g), "measured": lat, "measured_max": g.latency_ratio_measured.max(),
-                     "top1": g.top1.mean(), "top1_sd": g.top1.std(), "macs_budget_top1_at_same_latency": ref,
-                     "nearest_macs_budget": near, "its_measured": macs.latency_ratio_measured[near],
-                     "its_top1": macs.top1[near]})
-    return pd.DataFrame(rows)
+def same_latency(df: pd.DataFrame) -> str:
+    """The latency-budget UVC at its measured latency against every other method's frontier read there
+    (`uvclab.compare.same_latency`): the best one-shot cut (chosen on validation), and UVC with a MACs budget."""
+    from uvclab.compare.benchmark import ONE_SHOT_METHODS
+    from uvclab.compare.same_latency import equal_latency_table, markdown as table_md
+    d = df.rename(columns={"kind": "method", "latency_ratio_measured": "latency"})
+    one_shot = [m for m in ONE_SHOT_METHODS if m in set(d.method)]
+    return ("Against the one-shot cuts (the goal: the latency-budget UVC >= the best of them + 0.5 point):\n\n"
+            + table_md(equal_latency_table(d, "uvc_latency", one_shot), "uvc_latency")
+            + "\nAgainst UVC with a MACs budget read at the same latency:\n\n"
+            + table_md(equal_latency_table(d, "uvc_latency", ["uvc"]), "uvc_latency"))
+
+
+def latency_figure(df: pd.DataFrame, path: Path) -> None:
+    """Test top-1 vs measured latency ratio, one line per method (mean over seeds per budget, sd bars)."""
+    from uvclab.ui.pareto import plot_pareto
+    s = df.groupby(["kind", "budget"], as_index=False).agg(
+        latency_ratio_measured=("latency_ratio_measured", "mean"), top1=("top1", "mean"), top1_sd=("top1", "std"),
+        seeds=("seed", "count"))
+    fig = plot_pareto(s.rename(columns={"kind": "method"}), x="latency_ratio_measured", y="top1", err="top1_sd",
+                      emphasis=["uvc_latency", "uvc"], title="Fashion-MNIST: test top-1 vs measured latency "
+                      "(all exports timed in one process, batch 64, one thread)",
+                      caption="Points: mean over seeds per budget; bars: sd over seeds. uvc_latency: UVC with a "
+                      "latency budget; uvc: UVC with a MACs budget; the others: one-shot cuts at MACs budgets.")
+    fig.savefig(path, bbox_inches="tight")
 
 
 def deit_small(a) -> pd.DataFrame:
@@ -170,7 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("part", choices=["fm", "deit_small"])
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "latency_budget"))
     p.add_argument("--macs-runs", default=None, help="the Fashion-MNIST benchmark's run folders (uvc_b0.5_s0, ...)")
-    p.add_argument("--macs-budgets", default="0.2,0.15,0.12", help="MACs budgets run here (comma-separated)")
+    p.add_argument("--methods", default="uvc,magnitude,magnitude_lstsq,activation,activation_lstsq,depth,uniform,"
+                   "uniform_lstsq,uvc_no_dims", help="fm: which of the --macs-runs methods join the timing")
+    p.add_argument("--macs-budgets", default="", help="MACs budgets run here (comma-separated)")
     p.add_argument("--rounds", type=int, default=21, help="fm: timing rounds (alternating order, median)")
     p.add_argument("--seeds", default="0,1,2", help="fm: seeds of the runs made here (comma-separated)")
     p.add_argument("--workers", type=int, default=2)
@@ -180,6 +191,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.macs_budgets = [float(b) for b in a.macs_budgets.split(",") if b]
     a.seeds = [int(x) for x in a.seeds.split(",") if x]
+    a.methods = a.methods.split(",")
     t0 = time.time()
     load0 = os.getloadavg()[0]
     df = fashion_mnist(a) if a.part == "fm" else deit_small(a)
@@ -194,7 +206,9 @@ def main(argv=None) -> int:
             f"{(err <= 0.10).sum()} of {len(err)}.")
     text = note + "\n\n" + markdown(df) + "\n"
     if a.part == "fm":
-        text += "\nAt the same measured latency (means over seeds):\n\n" + markdown(same_latency(df)) + "\n"
+        text += "\nAt the same measured latency (means over seeds, frontiers read by linear interpolation):\n\n"
+        text += same_latency(df) + f"\n![accuracy vs measured latency]({stem}.png)\n"
+        latency_figure(df, res / f"{stem}.png")
     atomic_write_text(res / f"{stem}.md", text)
     print(note)
     print(df.to_string(index=False))

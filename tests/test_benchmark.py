@@ -108,3 +108,26 @@ def test_regime_table_picks_the_baseline_on_validation_and_judges_the_gap_agains
     assert r.loc[0.5, "verdict"] == "baseline better"   # -0.1 against a spread of 0 (one seed each)
     df.loc[(df.method == "uvc") & (df.seed == 0), "top1"] -= 1.5   # per-seed gaps -0.5, 1, 1: mean 0.5, sd 0.87
     assert regime_table(df).set_index("budget").loc[0.3, "verdict"] == "within noise"
+
+
+def test_equal_latency_reads_frontiers_by_interpolation_and_chooses_on_validation():
+    from uvclab.compare.same_latency import at_latency, equal_latency_table, frontier, markdown
+    rows = [dict(method="A", budget=0.3, seed=0, latency=0.4, top1=80.0, val_top1=81.0),
+            dict(method="A", budget=0.5, seed=0, latency=0.6, top1=90.0, val_top1=89.0),
+            dict(method="B", budget=0.3, seed=0, latency=0.45, top1=85.0, val_top1=84.0),
+            dict(method="B", budget=0.5, seed=0, latency=0.55, top1=86.0, val_top1=85.0),
+            dict(method="U", budget=0.5, seed=0, latency=0.48, top1=87.0, val_top1=0.0),
+            dict(method="U", budget=0.5, seed=1, latency=0.52, top1=89.0, val_top1=0.0),
+            dict(method="U", budget=0.3, seed=0, latency=0.30, top1=70.0, val_top1=0.0)]
+    df = pd.DataFrame(rows)
+    f = frontier(df, "A")
+    assert list(f.latency) == [0.4, 0.6] and at_latency(f, 0.5) == 85.0 and at_latency(f, 0.7) is None
+    t = equal_latency_table(df, "U", ["A", "B"]).set_index("budget")
+    r = t.loc[0.5]  # B reads 85.5 on test but A is better on validation (85.0 vs 84.5): A is the baseline
+    assert r.latency == pytest.approx(0.5) and r.latency_max == 0.52 and r.top1 == 88.0
+    assert r.best_baseline == "A" and r.baseline_top1 == pytest.approx(85.0) and r.gap == pytest.approx(3.0)
+    assert r.verdict == "clears +0.5" and r.readable == "A, B"
+    assert pd.isna(t.loc[0.3].best_baseline) and t.loc[0.3].verdict == "-"  # no baseline reaches 0.30: no number
+    text = markdown(t.reset_index(), "U")
+    assert "| 0.5 | 0.500 (0.520) | 88.00 ± 1.41 (2) | A | 85.00 | +3.00 | clears +0.5 | A, B |" in text
+    assert "| 0.3 | 0.300 (0.300) | 70.00 (1) | - | - | - | - | - |" in text

@@ -242,3 +242,61 @@ def test_cli_builds_then_reads_the_cached_table(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "(cached)" in out and "dense predicted" in out
+
+
+def proportional_table(shape, v_costs_time: bool) -> LatencyTable:
+    """Attention and MLP times exactly proportional to their MACs (1 ms per MAC, no overhead, no fixed part);
+    with `v_costs_time` False the attention time ignores v (the MACs of v are free)."""
+    N, D = shape.tokens, shape.embed_dim
+    heads, widths = list(range(1, shape.num_heads + 1)), [shape.head_dim // 2, shape.head_dim]
+    v_eff = (lambda v: v) if v_costs_time else (lambda v: shape.head_dim)
+    attn = [[[N * D * h * (2 * a + v_eff(v)) + N * N * h * (a + v_eff(v)) + N * h * v_eff(v) * D for v in widths]
+             for a in widths] for h in heads]
+    mlp = [shape.mlp_hidden // 2, shape.mlp_hidden]
+    key = {k: getattr(shape, k) for k in ("embed_dim", "num_heads", "head_dim", "mlp_hidden", "tokens")}
+    key.update(batch_size=4, threads=1, device="cpu")
+    return LatencyTable(key=key, heads=heads, qk_widths=widths, v_widths=widths, attn_ms=attn, mlp_widths=mlp,
+                        mlp_ms=[2 * N * D * m for m in mlp], block_overhead_ms=0.0, fixed_ms=0.0, dense_ms=1.0)
+
+
+def test_dims_time_per_mac_and_prune_dims_auto(tiny):
+    from dataclasses import replace
+    from uvclab.uvc import resolve_prune_dims
+    s = vit_shape(tiny)
+    pays, free = proportional_table(s, True), proportional_table(s, False)
+    assert pays.dims_time_per_mac(s) == pytest.approx(1.0)       # time falls exactly with MACs
+    assert free.dims_time_per_mac(s) == 0.0                      # v's MACs go, the time stays
+    assert pays.dims_time_per_mac(s, "fused") == 0.0             # the fused layout pads v back: nothing saved
+    auto = replace(UVCSettings(), prune_dims="auto")
+    kept, info = resolve_prune_dims(auto, pays, s, "compact")
+    assert kept.prune_dims is True and info["prune_dims"] is True and info["dims_time_per_mac"] == pytest.approx(1)
+    whole, info = resolve_prune_dims(auto, free, s, "compact")
+    assert whole.prune_dims is False and info == {"prune_dims": False, "dims_time_per_mac": 0.0,
+                                                  "dims_min_time_per_mac": 0.5}
+    assert resolve_prune_dims(UVCSettings(), None, s, "compact") == (UVCSettings(), {})  # not auto: untouched
+    with pytest.raises(UvclabError, match="needs a latency table"):
+        resolve_prune_dims(auto, None, s, "compact")
+    with pytest.raises(UvclabError, match="decided from a latency table"):
+        UVCPrimalDual(uvclab.gate_vit(tiny), auto, 0.5)
+    with pytest.raises(UvclabError, match="prune_dims"):
+        UVCSettings(prune_dims="sometimes")
+    assert load_config(overrides=["uvc.prune_dims=auto"]).uvc.prune_dims == "auto"
+
+
+def test_prune_dims_auto_end_to_end(tmp_path, monkeypatch):
+    """A MACs budget with `uvc.prune_dims: auto`: the table is built (cached), the decision is in the report, and
+    value dims stay whole when the table says they save no time."""
+    monkeypatch.setenv("UVCLAB_CACHE", str(tmp_path / "cache"))
+    s_free = {}
+
+    def table(model, *a, **k):  # the table of this model, with v's time made free
+        s_free["shape"] = vit_shape(model)
+        return proportional_table(s_free["shape"], False)
+    monkeypatch.setattr(latency_build, "latency_table", table)
+    cfg = load_config(overrides=["uvc.prune_dims=auto", "budget=0.6", "warmup_epochs=0", "search_epochs=1",
+                                 "finetune_epochs=0", "max_steps_per_epoch=2", "progress=false", "threads=1"])
+    rep = uvclab.compress(cfg, tmp_path / "run")
+    assert rep["prune_dims_auto"] == {"prune_dims": False, "dims_time_per_mac": 0.0, "dims_min_time_per_mac": 0.5}
+    st = uvclab.Structure.load(tmp_path / "run" / "structure.json")
+    assert all(len(d) == s_free["shape"].head_dim for b in st.blocks if b.keep for d in b.v_dims)
+    assert rep["budget_kind"] == "macs" and "latency_ratio_measured" in rep

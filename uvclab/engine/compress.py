@@ -227,13 +227,15 @@ def _compress(cfg: CompressConfig, out: Path, resume: bool | str) -> dict:
     log = MetricsLog(out / METRICS, fresh=ckpt is None, resume_at=(ckpt or {}).get("metrics_bytes"))
     teacher_top1 = evaluate(teacher, splits.test)
     dense = count(model)
-    table = None if cfg.budget_kind != "latency" else latency_build.latency_table(  # cached, or measured now
+    needs_table = cfg.budget_kind == "latency" or (cfg.method == "uvc" and cfg.uvc.prune_dims == "auto")
+    table = None if not needs_table else latency_build.latency_table(  # cached, or measured now
         model, cfg.uvc.latency_batch_size, cfg.uvc.latency_threads or cfg.run.threads, cfg.run.device,
         progress=cfg.run.progress)
     if ckpt is not None and ckpt["stage"] == "finetune":
         structure, notes = Structure.load(out / STRUCTURE), ckpt.get("notes", {})
     else:
-        job = Job(cfg, model, teacher, splits, out, log, ckpt, table)
+        job = Job(cfg, model, teacher, splits, out, log, ckpt, table if cfg.budget_kind == "latency" else None,
+                  dims_table=table)
         structure, notes, ckpt = STRATEGIES[cfg.method](job), job.notes, None
         notes["repair"] = repair_cut(cfg, model, structure, splits, notes)
         if rank() == 0:

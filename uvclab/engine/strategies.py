@@ -29,10 +29,10 @@ from uvclab.prune import baselines
 from uvclab.prune.activation import activation_structure
 from uvclab.prune.calibration import calibration_batches
 from uvclab.ranks import rank, world
-from uvclab.uvc import UVCPrimalDual, current_structure, final_structure
+from uvclab.uvc import UVCPrimalDual, current_structure, final_structure, resolve_prune_dims
 from uvclab.vit.latency import LatencyTable
 from uvclab.vit.latency_build import measure_ms
-from uvclab.vit.macs import count
+from uvclab.vit.macs import count, vit_shape
 from uvclab.vit.structure import Structure
 
 
@@ -47,6 +47,7 @@ class Job:
     log: MetricsLog
     ckpt: Optional[dict] = None          # the checkpoint to continue from (None: a fresh start)
     latency: Optional[LatencyTable] = None  # budget_kind latency: the table (fetched once per run)
+    dims_table: Optional[LatencyTable] = None  # the table `uvc.prune_dims: auto` decides with (any budget kind)
     notes: dict = field(default_factory=dict)
 
 
@@ -58,7 +59,9 @@ def search(job: Job) -> UVCPrimalDual:
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world() > 1 else model
     epochs = cfg.warmup_epochs + cfg.search_epochs
     steps = steps_per_epoch(splits.train, cfg.batch_size, cfg.max_steps_per_epoch)
-    uvc = UVCPrimalDual.for_search(model, cfg.uvc, cfg.macs_ratio, job.latency, cfg.layout,
+    settings, decided = resolve_prune_dims(cfg.uvc, job.dims_table or job.latency, vit_shape(model), cfg.layout)
+    job.notes.update({"prune_dims_auto": decided} if decided else {})
+    uvc = UVCPrimalDual.for_search(model, settings, cfg.macs_ratio, job.latency, cfg.layout,
                                    total_epochs=cfg.search_epochs, total_steps=cfg.search_epochs * steps)
     opt, sched = adamw_with_schedule(model, cfg.lr, cfg.weight_decay, epochs * steps, min(500, steps))
     rec, data = stage_recipe(cfg, "search", splits)  # timm's recipe (Mixup/CutMix, smoothing, ...): off by default

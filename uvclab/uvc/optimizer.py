@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from uvclab.errors import UvclabError
 from uvclab.prune.baselines import macs_budget_for_latency
 from uvclab.ranks import broadcast_, mean_
 from uvclab.uvc.ops import chosen, clipped, least_sum, projected_sgd, selected_mask, ste_ceil
@@ -75,6 +76,9 @@ class UVCPrimalDual:
     def __init__(self, model: torch.nn.Module, settings: UVCSettings, budget: float = 0.5,
                  dense_macs: Optional[int] = None, total_epochs: int = 1, total_steps: Optional[int] = None,
                  latency: Optional[LatencyTable] = None, layout: str = DEFAULT_LAYOUT):
+        if settings.prune_dims == "auto":
+            raise UvclabError("uvc.prune_dims=auto is decided from a latency table before the search: "
+                              "settings, _ = uvclab.uvc.resolve_prune_dims(settings, table, shape, layout).")
         self.model, self.cfg, self.layout = model, settings, layout
         self.shape: VitShape = vit_shape(model)
         self.fn = chosen(settings)                 # the reference's or uvclab's function for each choice

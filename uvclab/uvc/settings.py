@@ -24,7 +24,8 @@ REFERENCE_UVC = {"group_score": "proj", "count_grad": "dual", "budget_schedule":
 @dataclass(frozen=True)
 class UVCSettings:
     prune: bool = True                  # learn head / dim / neuron counts
-    prune_dims: bool = True             # learn r (dims inside heads)
+    prune_dims: bool | str = True       # learn r (dims inside heads); 'auto': only where the latency table says
+                                        # narrowing value dims saves time (`resolve_prune_dims`, issue 25)
     block_skip: bool = True             # learn Gumbel block-skip gates
     tie_qk: bool = False                # prune q/k dims together with v (beyond the paper; keeps fused SDPA)
     dims_multiple: int = 1              # the final structure keeps value dims per head in multiples of this
@@ -93,7 +94,8 @@ class UVCSettings:
                       "resource_gates": ("hard", "expected", "sample"), "group_score": ("proj", "group", "fisher", "fisher_norm"),
                       "budget_curve": ("linear", "cubic"),
                       "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi"),
-                      "search_resource": ("macs", "latency"), "select_skips": ("auto", "gates", "validation")}, "uvc.")
+                      "search_resource": ("macs", "latency"), "select_skips": ("auto", "gates", "validation"),
+                      "prune_dims": (True, False, "auto")}, "uvc.")
         if self.dims_multiple < 1:
             raise UvclabError(f"uvc.dims_multiple={self.dims_multiple} must be >= 1.")
         if self.gating_interval < 1 or self.gumbel_tau <= 0 or not 0 <= self.warmup_gate <= 1:
@@ -107,3 +109,21 @@ class UVCSettings:
             raise UvclabError(f"uvc.score_ema={self.score_ema} must be in [0, 1) (0: the last batch only).")
 
 
+# `prune_dims: auto` keeps value dims whole when narrowing them buys less than this share of the time per MAC
+# that a whole block buys (1.0: time falls in proportion to MACs; the committed Fashion-MNIST model: ~0).
+DIMS_MIN_TIME_PER_MAC = 0.5
+
+
+def resolve_prune_dims(settings: UVCSettings, table, shape, layout: str) -> tuple[UVCSettings, dict]:
+    """`prune_dims: auto` -> True or False from the latency table (`LatencyTable.dims_time_per_mac`): the MACs a
+    budget spends on value dims should buy time. Returns the settings to search with and what was decided."""
+    from dataclasses import replace
+    if settings.prune_dims != "auto":
+        return settings, {}
+    if table is None:
+        raise UvclabError("uvc.prune_dims=auto needs a latency table (built and cached by `compress`); with the "
+                          "Python API pass one, or set uvc.prune_dims to true or false.")
+    ratio = table.dims_time_per_mac(shape, layout)
+    keep = ratio >= DIMS_MIN_TIME_PER_MAC
+    return replace(settings, prune_dims=keep), {"prune_dims": keep, "dims_time_per_mac": ratio,
+                                                "dims_min_time_per_mac": DIMS_MIN_TIME_PER_MAC}
