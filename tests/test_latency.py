@@ -241,7 +241,7 @@ def test_cli_builds_then_reads_the_cached_table(tmp_path, monkeypatch, capsys):
     assert first["key"]["tokens"] == 5 and first["key"]["batch_size"] == 1 and first["build_seconds"] > 0
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "(cached)" in out and "dense predicted" in out
+    assert "(cached)" in out and "dense predicted" in out and "uvc.prune_dims: auto" in out
 
 
 def proportional_table(shape, v_costs_time: bool) -> LatencyTable:

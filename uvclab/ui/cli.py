@@ -125,6 +125,12 @@ def cmd_latency_table(args) -> None:
               f"{c['block_ms']:+.3f} ms")
     print(f"  model   fixed {t.fixed_ms:.3f} ms; dense predicted {t.predicted_dense_ms(k['depth']):.2f} ms, "
           f"measured {t.dense_ms:.2f} ms")
+    from uvclab.uvc.settings import DIMS_MIN_TIME_PER_MAC
+    from uvclab.vit.macs import vit_shape
+    ratio = t.dims_time_per_mac(vit_shape(model))
+    print(f"  v dims  halving them saves {ratio:.2f} of a block's time per MAC (uvc.prune_dims: auto "
+          f"{'prunes them' if ratio >= DIMS_MIN_TIME_PER_MAC else 'keeps them whole'}; threshold "
+          f"{DIMS_MIN_TIME_PER_MAC})")
 
 
 def cmd_compress(args) -> None:
