@@ -259,20 +259,21 @@ def proportional_table(shape, v_costs_time: bool) -> LatencyTable:
                         mlp_ms=[2 * N * D * m for m in mlp], block_overhead_ms=0.0, fixed_ms=0.0, dense_ms=1.0)
 
 
-def test_dims_time_per_mac_and_prune_dims_auto(tiny):
+def test_time_per_mac_and_prune_dims_auto(tiny):
     from dataclasses import replace
     from uvclab.uvc import resolve_prune_dims
     s = vit_shape(tiny)
     pays, free = proportional_table(s, True), proportional_table(s, False)
-    assert pays.dims_time_per_mac(s) == pytest.approx(1.0)       # time falls exactly with MACs
-    assert free.dims_time_per_mac(s) == 0.0                      # v's MACs go, the time stays
-    assert pays.dims_time_per_mac(s, "fused") == 0.0             # the fused layout pads v back: nothing saved
+    assert pays.time_per_mac(s) == pytest.approx({"dims": 1.0, "heads": 1.0, "neurons": 1.0})  # time ~ MACs
+    assert free.time_per_mac(s)["dims"] == 0.0                   # v's MACs go, the time stays
+    assert free.time_per_mac(s)["neurons"] == pytest.approx(1.0)
+    assert pays.time_per_mac(s, "fused")["dims"] == 0.0          # the fused layout pads v back: nothing saved
     auto = replace(UVCSettings(), prune_dims="auto")
     kept, info = resolve_prune_dims(auto, pays, s, "compact")
-    assert kept.prune_dims is True and info["prune_dims"] is True and info["dims_time_per_mac"] == pytest.approx(1)
+    assert kept.prune_dims is True and info["prune_dims"] is True and info["dims_vs_other_cuts"] == pytest.approx(1)
     whole, info = resolve_prune_dims(auto, free, s, "compact")
-    assert whole.prune_dims is False and info == {"prune_dims": False, "dims_time_per_mac": 0.0,
-                                                  "dims_min_time_per_mac": 0.5}
+    assert whole.prune_dims is False and info["prune_dims"] is False and info["dims_vs_other_cuts"] == 0.0
+    assert info["threshold"] == 0.8
     assert resolve_prune_dims(UVCSettings(), None, s, "compact") == (UVCSettings(), {})  # not auto: untouched
     with pytest.raises(UvclabError, match="needs a latency table"):
         resolve_prune_dims(auto, None, s, "compact")
@@ -296,7 +297,7 @@ def test_prune_dims_auto_end_to_end(tmp_path, monkeypatch):
     cfg = load_config(overrides=["uvc.prune_dims=auto", "budget=0.6", "warmup_epochs=0", "search_epochs=1",
                                  "finetune_epochs=0", "max_steps_per_epoch=2", "progress=false", "threads=1"])
     rep = uvclab.compress(cfg, tmp_path / "run")
-    assert rep["prune_dims_auto"] == {"prune_dims": False, "dims_time_per_mac": 0.0, "dims_min_time_per_mac": 0.5}
+    assert rep["prune_dims_auto"]["prune_dims"] is False and rep["prune_dims_auto"]["dims_vs_other_cuts"] == 0.0
     st = uvclab.Structure.load(tmp_path / "run" / "structure.json")
     assert all(len(d) == s_free["shape"].head_dim for b in st.blocks if b.keep for d in b.v_dims)
     assert rep["budget_kind"] == "macs" and "latency_ratio_measured" in rep

@@ -127,10 +127,11 @@ def cmd_latency_table(args) -> None:
           f"measured {t.dense_ms:.2f} ms")
     from uvclab.uvc.settings import DIMS_MIN_TIME_PER_MAC
     from uvclab.vit.macs import vit_shape
-    ratio = t.dims_time_per_mac(vit_shape(model))
-    print(f"  v dims  halving them saves {ratio:.2f} of a block's time per MAC (uvc.prune_dims: auto "
-          f"{'prunes them' if ratio >= DIMS_MIN_TIME_PER_MAC else 'keeps them whole'}; threshold "
-          f"{DIMS_MIN_TIME_PER_MAC})")
+    per = t.time_per_mac(vit_shape(model))
+    ratio = per["dims"] / max(per["heads"], per["neurons"], 1e-12)
+    print(f"  per MAC a block's time saved by cutting v dims {per['dims']:.2f}, a head {per['heads']:.2f}, MLP "
+          f"neurons {per['neurons']:.2f}: uvc.prune_dims: auto {'prunes' if ratio >= DIMS_MIN_TIME_PER_MAC else 'keeps whole'}"
+          f" v dims (their ratio {ratio:.2f} vs threshold {DIMS_MIN_TIME_PER_MAC})")
 
 
 def cmd_compress(args) -> None:

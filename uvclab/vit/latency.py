@@ -176,23 +176,27 @@ class LatencyTable:
         """Predicted ms of the exported model of `structure`."""
         return self.fixed_ms + sum(self.block_ms(b, layout) for b in structure.blocks)
 
-    def dims_time_per_mac(self, s: VitShape, layout: Layout = DEFAULT_LAYOUT) -> float:
-        """What narrowing value dims buys: the share of a dense block's predicted time saved by halving every head's
-        v width, over the share of its MACs saved (1.0: time falls with MACs, as when a whole block goes; ~0: the
-        MACs go, the time stays). Floored at 0 (a measured grid can rise where v narrows)."""
+    def time_per_mac(self, s: VitShape, layout: Layout = DEFAULT_LAYOUT) -> dict[str, float]:
+        """What each kind of cut buys in a dense block: the share of the block's predicted time it saves over the
+        share of its MACs (1.0: time falls with MACs, as when the whole block goes; ~0: the MACs go, the time
+        stays), floored at 0 (a measured grid can rise where a width falls). 'dims': every head's v width halved
+        (0 with the `fused` layout, which pads v back to the q/k width); 'heads': one head removed; 'neurons':
+        half the MLP removed."""
         from uvclab.vit.macs import _block_rows
         H, Dh, M = s.num_heads, s.head_dim, s.mlp_hidden
 
-        def cost(v: int) -> tuple[float, int]:
+        def cost(h: int, v: int, m: int) -> tuple[float, int]:
             a = Dh
             if layout == "fused":
                 a = v = max(a, v)
-            ms = self._block_ms((H, a, v), M)
-            return ms, sum(mac for _, mac, _ in _block_rows(s, H, a, v, M, True, True))
-        (t0, m0), (t1, m1) = cost(Dh), cost(max(1, Dh // 2))
-        if m1 >= m0:  # the layout pads v back to the q/k width: no MACs to save
-            return 0.0
-        return max(0.0, (t0 - t1) / t0) / ((m0 - m1) / m0)
+            ms = self._block_ms((h, a, v) if h else None, m)
+            return ms, sum(mac for _, mac, _ in _block_rows(s, h, a, v, m, h > 0, True))
+        t0, m0 = cost(H, Dh, M)
+        out = {}
+        for kind, cut in (("dims", (H, max(1, Dh // 2), M)), ("heads", (H - 1, Dh, M)), ("neurons", (H, Dh, M // 2))):
+            t1, m1 = cost(*cut)
+            out[kind] = 0.0 if m1 >= m0 else max(0.0, (t0 - t1) / t0) / ((m0 - m1) / m0)
+        return out
 
     def predicted_dense_ms(self, depth: int) -> float:
         H, Dh, M = self.heads[-1], self.qk_widths[-1], self.mlp_widths[-1]
