@@ -1,7 +1,8 @@
-"""The README is a user guide: short, set-up / main job / results in its first 100 lines, and its results table
-is computed from the committed benchmark results (never typed by hand).
+"""The README is a user guide: short, set-up / main job / results in its first 100 lines, and its results, regime and
+equal-latency tables are computed from the committed benchmark results (never typed by hand).
 
-`python tests/test_readme.py` prints the table to paste between the README's `results-table` markers.
+`python tests/test_readme.py` prints the tables to paste between the README's `results-table`,
+`regime-table` and `latency-table` markers.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ METHODS = ["uvc", "magnitude", "magnitude_lstsq", "activation_lstsq", "isomorphi
            "depth"]                                    # UVC, the classic cut, the repaired (best) baselines, depth
 BUDGETS = [0.5, 0.3, 0.2, 0.15]
 MARK = re.compile(r"<!-- results-table -->\n(.*?)<!-- /results-table -->", re.S)
+LATENCY_CSV = ROOT / "benchmarks" / "results" / "latency_budget_fm.csv"
+LONG_CSV = ROOT / "benchmarks" / "results" / "fashion_mnist_long.csv"
+REGIME_MARK = re.compile(r"<!-- regime-table -->\n(.*?)<!-- /regime-table -->", re.S)
+LATENCY_MARK = re.compile(r"<!-- latency-table -->\n(.*?)<!-- /latency-table -->", re.S)
 
 
 def results_table(csv: Path = CSV) -> str:
@@ -39,6 +44,55 @@ def results_table(csv: Path = CSV) -> str:
         lines.append(f"| {r.budget:g} | {name} | {r.repair} | {r.seeds} | {r.top1:.2f}{spread} | "
                      f"{r.top1 - r.teacher:+.2f} | {r.before:.1f} | {r.macs:.3f} | {latency} |")
     return "\n".join(lines) + "\n"
+
+
+def regime_table(short: Path = CSV, long: Path = LONG_CSV) -> str:
+    """Where UVC is the better choice, per protocol and budget (`uvclab.compare.benchmark.regime_table`: the
+    best one-shot method chosen on validation, the per-seed gap over shared seeds and its verdict)."""
+    from uvclab.compare.benchmark import regime_table as regimes
+    lines = ["| protocol | budget | UVC | best one-shot (on validation) | gap, paired (seeds) | verdict |",
+             "|---|---:|---:|---|---:|---|"]
+    for name, csv in (("short", short), ("long (5x steps)", long)):
+        for r in regimes(pd.read_csv(csv)).itertuples():
+            sd = lambda v, n: f" ± {v:.2f}" if n > 1 else ""  # noqa: E731
+            lines.append(f"| {name} | {r.budget:g} | {r.uvc:.2f}{sd(r.uvc_sd, r.uvc_seeds)} | {r.baseline} "
+                         f"{r.baseline_top1:.2f}{sd(r.baseline_sd, r.baseline_seeds)} | {r.paired_gap:+.2f}"
+                         f"{sd(r.paired_sd, r.paired_seeds)} ({r.paired_seeds}) | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_regime_table_is_computed_from_the_csvs():
+    m = REGIME_MARK.search(README.read_text())
+    assert m, "README.md lacks the <!-- regime-table --> markers"
+    assert m.group(1) == regime_table(), "README's regime table differs from the benchmark CSVs: paste the " \
+        "output of `python tests/test_readme.py`"
+
+
+def latency_table(csv: Path = LATENCY_CSV) -> str:
+    """The latency-budget UVC against every other method read at its measured latency (all exports timed in
+    one process; `uvclab.compare.same_latency`): the best one-shot cut and UVC with a MACs budget."""
+    from uvclab.compare.benchmark import ONE_SHOT_METHODS
+    from uvclab.compare.same_latency import equal_latency_table
+    d = pd.read_csv(csv).rename(columns={"kind": "method", "latency_ratio_measured": "latency"})
+    one_shot = [m for m in ONE_SHOT_METHODS if m in set(d.method)]
+    cut, macs = (equal_latency_table(d, "uvc_latency", b).set_index("budget") for b in (one_shot, ["uvc"]))
+    lines = ["| latency budget | measured (max) | UVC, latency budget | best one-shot cut there (on validation) | gap "
+             "| UVC, MACs budget, there |", "|---:|---:|---:|---|---:|---:|"]
+    for b, r in cut.sort_index(ascending=False).iterrows():
+        m = macs.loc[b]
+        base = "-" if pd.isna(r.best_baseline) else f"{r.best_baseline} {r.baseline_top1:.2f}"
+        gap = "-" if pd.isna(r.best_baseline) else f"{r.gap:+.2f}"
+        other = "-" if pd.isna(m.best_baseline) else f"{m.baseline_top1:.2f}"
+        lines.append(f"| {b:g} | {r.latency:.3f} ({r.latency_max:.3f}) | {r.top1:.2f} ± {r.top1_sd:.2f} ({r.seeds}) | "
+                     f"{base} | {gap} | {other} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_latency_table_is_computed_from_the_csv():
+    m = LATENCY_MARK.search(README.read_text())
+    assert m, "README.md lacks the <!-- latency-table --> markers"
+    assert m.group(1) == latency_table(), "README's equal-latency table differs from " \
+        "benchmarks/results/latency_budget_fm.csv: paste the output of `python tests/test_readme.py`"
 
 
 def test_results_table_is_computed_from_the_csv():
@@ -73,3 +127,7 @@ def test_links_between_readme_and_docs_resolve():
 
 if __name__ == "__main__":
     print(results_table(), end="")
+    print()
+    print(regime_table(), end="")
+    print()
+    print(latency_table(), end="")
