@@ -4,7 +4,8 @@
 
 For each finished run folder: its validation top-1 before fine-tuning (report.json), then its structure applied
 to the teacher's weights (what a one-shot cut starts from), as cut and after the `lstsq` repair (3,200
-calibration images or the whole training split, the run's seed). A UVC run whose structure on the teacher's
+calibration images or the whole training split, the run's seed), and that repaired model's test top-1 with no
+fine-tuning at all. A UVC run whose structure on the teacher's
 weights scores well but whose own value is low lost accuracy to the search's weight updates, not to its choice
 of groups.
 """
@@ -33,8 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    print("| run | method | val before fine-tune (its own weights) | its structure on the teacher's weights | "
-          "+ lstsq repair | dense teacher |\n|---|---|---:|---:|---:|---:|")
+    print("| run | method | budget | seed | val before fine-tune (its own weights) | its structure on the teacher's "
+          "weights | + lstsq repair | dense teacher | test, teacher's weights + lstsq, no fine-tune |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for run in map(Path, a.runs):
         report = json.loads((run / REPORT).read_text())
         cfg = load_config(run / CONFIG, overrides=["calibration.repair=lstsq", "progress=false"])
@@ -44,8 +46,10 @@ def main(argv=None) -> int:
         cut = masked_top1(model, structure, splits.val)
         repair_cut(cfg, model, structure, splits, {})
         repaired = masked_top1(model, structure, splits.val)
-        print(f"| {run.name} | {report['method']} | {report['val_top1_before_finetune']:.2f} | {cut:.2f} | "
-              f"{repaired:.2f} | {dense:.2f} |", flush=True)
+        test = masked_top1(model, structure, splits.test)
+        print(f"| {run.name} | {report['method']} | {report['budget']:g} | {report['seed']} | "
+              f"{report['val_top1_before_finetune']:.2f} | {cut:.2f} | {repaired:.2f} | {dense:.2f} | {test:.2f} |",
+              flush=True)
     return 0
 
 

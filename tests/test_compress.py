@@ -212,3 +212,24 @@ def test_a_named_model_takes_channels_classes_and_size_from_the_data(tmp_path):
     report = train.compress(cfg, tmp_path / "named")
     assert report["model"]["kwargs"] | {} == {"img_size": 8, "in_chans": 1, "num_classes": 10, "patch_size": 2,
                                              "embed_dim": 24, "depth": 2, "num_heads": 2}
+
+
+def test_final_weights_start_cuts_the_searched_structure_from_the_starting_weights(tmp_path):
+    """uvc.final_weights=start: the export holds the teacher's weights at the searched structure's kept groups
+    (no repair, no fine-tune); the default keeps the weights the search trained, which differ."""
+    from uvclab.engine.compress import build_models
+    from uvclab.vit.export import load_pruned
+    base = ["warmup_epochs=0", "search_epochs=1", "finetune_epochs=0", "max_steps_per_epoch=4", "progress=false",
+            "threads=1", "lr=1e-3"]
+    start = train.compress(load_config(overrides=base + ["uvc.final_weights=start"]), tmp_path / "start")
+    search = train.compress(load_config(overrides=base), tmp_path / "search")
+    assert start["final_weights"] == "start" and "final_weights" not in search
+    teacher = build_models(load_config(overrides=base))[0]  # the student as it starts: the teacher's weights
+    for run, same in (("start", True), ("search", False)):
+        slim, st = load_pruned(tmp_path / run / "model"), Structure.load(tmp_path / run / "structure.json")
+        l, b = next((l, b) for l, b in enumerate(st.blocks) if b.keep and b.runs_mlp)
+        s_blk = [m for m in slim.blocks if getattr(m, "mlp", None) is not None][0]
+        ref = teacher.blocks[l].mlp.fc1.weight[b.mlp]
+        assert torch.equal(s_blk.mlp.fc1.weight, ref) is same
+    with pytest.raises(UvclabError, match="final_weights"):
+        load_config(overrides=["uvc.final_weights=teacher"])

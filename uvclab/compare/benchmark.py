@@ -40,6 +40,8 @@ VARIANTS = {  # benchmark label -> config overrides; every label runs through th
     **{f"{m}_lstsq": {"method": m, "repair": "lstsq"}         # ... and each with the least-squares repair
        for m in STRATEGIES if m not in ("uvc", "depth")},      # (depth keeps whole blocks: nothing to refit)
     "uvc_lstsq": {"method": "uvc", "repair": "lstsq"},         # UVC's final cut repaired before fine-tuning
+    # the searched structure cut from the teacher's weights (not the search's), repaired, then fine-tuned
+    "uvc_start_lstsq": {"method": "uvc", "uvc.final_weights": "start", "repair": "lstsq"},
 }
 UVC_METHODS = tuple(m for m, o in VARIANTS.items() if o["method"] == "uvc")
 ONE_SHOT_METHODS = tuple(m for m in VARIANTS if m not in UVC_METHODS)

@@ -86,7 +86,7 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 def method_label(config: Mapping) -> str:
     """The benchmark's name for what a `uvclab compress` config does: a one-shot method's name, or 'uvc' plus
     '_prune_only' (no block skipping) or '_skip_only' (no pruning inside blocks), '_no_dims' (value dims kept
-    whole), plus '_hard_kd' or '_no_kd'
+    whole), '_start' (cut from the starting weights, `uvc.final_weights`), plus '_hard_kd' or '_no_kd'
     when not soft KD, plus '_latency' for a latency budget (its budget is not a MACs ratio)."""
     if config.get("method", "uvc") != "uvc":
         return config["method"]
@@ -95,6 +95,7 @@ def method_label(config: Mapping) -> str:
     name = "uvc" + {(True, True): "", (True, False): "_prune_only", (False, True): "_skip_only"}.get(
         (prune, skip), "_nothing")
     name += "_no_dims" if prune and not uvc.get("prune_dims", True) else ""   # value dims kept whole
+    name += "_start" if uvc.get("final_weights", "search") == "start" else ""  # cut from the starting weights
     kd = config.get("kd", "soft")
     name += {"soft": "", "hard": "_hard_kd", "none": "_no_kd"}.get(kd, f"_{kd}_kd")
     return name + ("_latency" if config.get("budget_kind", "macs") == "latency" else "")

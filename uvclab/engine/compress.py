@@ -236,7 +236,13 @@ def _compress(cfg: CompressConfig, out: Path, resume: bool | str) -> dict:
     else:
         job = Job(cfg, model, teacher, splits, out, log, ckpt, table if cfg.budget_kind == "latency" else None,
                   dims_table=table)
+        # uvc.final_weights start: the structure is cut from the weights the run started from (build_models
+        # rebuilds them on a resume too), not from the ones the search trained
+        start = copy.deepcopy(model.state_dict()) if cfg.method == "uvc" and cfg.uvc.final_weights == "start" else None
         structure, notes, ckpt = STRATEGIES[cfg.method](job), job.notes, None
+        if start is not None:
+            model.load_state_dict(start)
+            notes["final_weights"] = "start"
         notes["repair"] = repair_cut(cfg, model, structure, splits, notes)
         if rank() == 0:
             structure.save(out / STRUCTURE)

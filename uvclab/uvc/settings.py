@@ -74,6 +74,10 @@ class UVCSettings:
                                         # each step, one width per layer in the final structure): the export pads
                                         # v to the widest kept head, so dims removed from narrower heads save no
                                         # MACs (with tied dims R equals the exported count)
+    final_weights: str = "search"       # the weights the chosen structure is cut from (then repaired and
+                                        # fine-tuned): 'search' (the paper: the weights the search trained) or
+                                        # 'start' (the weights the run started from, e.g. the teacher's: the
+                                        # search only chooses the structure; with `repair: lstsq`, issue 25)
     # ---- the final structure (`uvclab.uvc.select`) and a latency budget (budget_kind latency)
     search_resource: str = "macs"       # latency budget: the search's R: macs (to the MACs ratio of the magnitude
                                         # cut predicted at the budget) | latency (the table); the final fit is on
@@ -95,7 +99,7 @@ class UVCSettings:
                       "budget_curve": ("linear", "cubic"),
                       "count_grad": ("dual", "importance"), "dual_update": ("ascent", "pi"),
                       "search_resource": ("macs", "latency"), "select_skips": ("auto", "gates", "validation"),
-                      "prune_dims": (True, False, "auto")}, "uvc.")
+                      "prune_dims": (True, False, "auto"), "final_weights": ("search", "start")}, "uvc.")
         if self.dims_multiple < 1:
             raise UvclabError(f"uvc.dims_multiple={self.dims_multiple} must be >= 1.")
         if self.gating_interval < 1 or self.gumbel_tau <= 0 or not 0 <= self.warmup_gate <= 1:
