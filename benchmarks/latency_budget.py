@@ -120,9 +120,15 @@ def same_latency(df: pd.DataFrame) -> str:
     text = ""
     for ref in sorted(m for m in set(d.method) if m.startswith("uvc_latency")):  # the default and any variant
         text += (f"{ref} against the one-shot cuts (the goal: >= the best of them + 0.5 point):\n\n"
-                 + table_md(equal_latency_table(d, ref, one_shot), ref)
-                 + f"\n{ref} against UVC with a MACs budget read at the same latency:\n\n"
-                 + table_md(equal_latency_table(d, ref, ["uvc"]), ref) + "\n")
+                 + table_md(equal_latency_table(d, ref, one_shot), ref))
+        for macs in [m for m in ("uvc", "uvc_start_lstsq") if m in set(d.method)]:
+            text += (f"\n{ref} against {macs} (MACs budgets) read at the same latency:\n\n"
+                     + table_md(equal_latency_table(d, ref, [macs]), ref))
+        text += "\n"
+    for ref in [m for m in ("uvc", "uvc_start_lstsq") if m in set(d.method)]:  # MACs budgets at their own latency
+        text += (f"{ref} (MACs budgets) at its measured latency against the one-shot cuts there:\n\n"
+                 + table_md(equal_latency_table(d, ref, one_shot), ref) + "\n")
+    return text
     return text
 
 
@@ -190,8 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("part", choices=["fm", "deit_small"])
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "latency_budget"))
     p.add_argument("--macs-runs", default=None, help="the Fashion-MNIST benchmark's run folders (uvc_b0.5_s0, ...)")
-    p.add_argument("--methods", default="uvc,magnitude,magnitude_lstsq,activation,activation_lstsq,depth,uniform,"
-                   "uniform_lstsq,uvc_no_dims", help="fm: which of the --macs-runs methods join the timing")
+    p.add_argument("--methods", default="uvc,uvc_start_lstsq,magnitude,magnitude_lstsq,activation,activation_lstsq,"
+                   "depth,uniform,uniform_lstsq,uvc_no_dims", help="fm: which of the --macs-runs methods join the timing")
     p.add_argument("--latency-r", action="store_true", help="fm: also the latency budgets with "
                    "uvc.search_resource=latency (kind uvc_latencyR)")
     p.add_argument("--extra-runs", action="append", default=[], metavar="DIR",

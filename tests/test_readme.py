@@ -14,12 +14,13 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 CSV = ROOT / "benchmarks" / "results" / "fashion_mnist.csv"
-METHODS = ["uvc", "magnitude", "magnitude_lstsq", "activation_lstsq", "isomorphic_lstsq", "torch_pruning_lstsq",
-           "depth"]                                    # UVC, the classic cut, the repaired (best) baselines, depth
+METHODS = ["uvc", "uvc_start_lstsq", "magnitude", "magnitude_lstsq", "activation_lstsq", "isomorphic_lstsq",
+           "torch_pruning_lstsq", "depth"]                                    # UVC, the classic cut, the repaired (best) baselines, depth
 BUDGETS = [0.5, 0.3, 0.2, 0.15]
 MARK = re.compile(r"<!-- results-table -->\n(.*?)<!-- /results-table -->", re.S)
 LATENCY_CSV = ROOT / "benchmarks" / "results" / "latency_budget_fm.csv"
 LONG_CSV = ROOT / "benchmarks" / "results" / "fashion_mnist_long.csv"
+REGIME_UVC = ["uvc", "uvc_start_lstsq"]              # the default search, and its structure on the teacher's weights
 REGIME_MARK = re.compile(r"<!-- regime-table -->\n(.*?)<!-- /regime-table -->", re.S)
 LATENCY_MARK = re.compile(r"<!-- latency-table -->\n(.*?)<!-- /latency-table -->", re.S)
 
@@ -39,7 +40,7 @@ def results_table(csv: Path = CSV) -> str:
              "| latency |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in s.itertuples():
         spread = f" ± {r.sd:.2f}" if r.seeds > 1 else ""
-        name = f"**{r.method}**" if r.method == "uvc" else r.method
+        name = f"**{r.method}**" if r.method.startswith("uvc") else r.method
         latency = f"{1 / r.speedup:.2f}" if pd.notna(r.speedup) else "-"
         lines.append(f"| {r.budget:g} | {name} | {r.repair} | {r.seeds} | {r.top1:.2f}{spread} | "
                      f"{r.top1 - r.teacher:+.2f} | {r.before:.1f} | {r.macs:.3f} | {latency} |")
@@ -50,12 +51,14 @@ def regime_table(short: Path = CSV, long: Path = LONG_CSV) -> str:
     """Where UVC is the better choice, per protocol and budget (`uvclab.compare.benchmark.regime_table`: the
     best one-shot method chosen on validation, the per-seed gap over shared seeds and its verdict)."""
     from uvclab.compare.benchmark import regime_table as regimes
-    lines = ["| protocol | budget | UVC | best one-shot (on validation) | gap, paired (seeds) | verdict |",
-             "|---|---:|---:|---|---:|---|"]
+    lines = ["| protocol | budget | UVC setting | its top-1 | best one-shot (on validation) | gap, paired (seeds) | "
+             "verdict |", "|---|---:|---|---:|---|---:|---|"]
+    sd = lambda v, n: f" ± {v:.2f}" if n > 1 else ""  # noqa: E731
     for name, csv in (("short", short), ("long (5x steps)", long)):
-        for r in regimes(pd.read_csv(csv)).itertuples():
-            sd = lambda v, n: f" ± {v:.2f}" if n > 1 else ""  # noqa: E731
-            lines.append(f"| {name} | {r.budget:g} | {r.uvc:.2f}{sd(r.uvc_sd, r.uvc_seeds)} | {r.baseline} "
+        df = pd.read_csv(csv)
+        rows = [r for v in REGIME_UVC if v in set(df.method) for r in regimes(df, v).assign(v=v).itertuples()]
+        for r in sorted(rows, key=lambda r: (-r.budget, REGIME_UVC.index(r.v))):
+            lines.append(f"| {name} | {r.budget:g} | {r.v} | {r.uvc:.2f}{sd(r.uvc_sd, r.uvc_seeds)} | {r.baseline} "
                          f"{r.baseline_top1:.2f}{sd(r.baseline_sd, r.baseline_seeds)} | {r.paired_gap:+.2f}"
                          f"{sd(r.paired_sd, r.paired_seeds)} ({r.paired_seeds}) | {r.verdict} |")
     return "\n".join(lines) + "\n"
@@ -69,22 +72,25 @@ def test_regime_table_is_computed_from_the_csvs():
 
 
 def latency_table(csv: Path = LATENCY_CSV) -> str:
-    """The latency-budget UVC against every other method read at its measured latency (all exports timed in
-    one process; `uvclab.compare.same_latency`): the best one-shot cut and UVC with a MACs budget."""
+    """UVC at its measured latency against every one-shot cut read there (all exports timed in one process;
+    `uvclab.compare.same_latency`): the latency budget, and the MACs budgets (the default search and its structures
+    on the teacher's weights) at 0.5 and 0.3."""
     from uvclab.compare.benchmark import ONE_SHOT_METHODS
     from uvclab.compare.same_latency import equal_latency_table
     d = pd.read_csv(csv).rename(columns={"kind": "method", "latency_ratio_measured": "latency"})
     one_shot = [m for m in ONE_SHOT_METHODS if m in set(d.method)]
-    cut, macs = (equal_latency_table(d, "uvc_latency", b).set_index("budget") for b in (one_shot, ["uvc"]))
-    lines = ["| latency budget | measured (max) | UVC, latency budget | best one-shot cut there (on validation) | gap "
-             "| UVC, MACs budget, there |", "|---:|---:|---:|---|---:|---:|"]
-    for b, r in cut.sort_index(ascending=False).iterrows():
-        m = macs.loc[b]
-        base = "-" if pd.isna(r.best_baseline) else f"{r.best_baseline} {r.baseline_top1:.2f}"
-        gap = "-" if pd.isna(r.best_baseline) else f"{r.gap:+.2f}"
-        other = "-" if pd.isna(m.best_baseline) else f"{m.baseline_top1:.2f}"
-        lines.append(f"| {b:g} | {r.latency:.3f} ({r.latency_max:.3f}) | {r.top1:.2f} ± {r.top1_sd:.2f} ({r.seeds}) | "
-                     f"{base} | {gap} | {other} |")
+    lines = ["| UVC setting | budget | measured latency (max) | its top-1 | best one-shot cut at that latency (on "
+             "validation) | gap |", "|---|---:|---:|---:|---|---:|"]
+    for ref, budgets in (("uvc_latency", "latency"), ("uvc", "MACs"), ("uvc_start_lstsq", "MACs")):
+        if ref not in set(d.method):
+            continue
+        t = equal_latency_table(d, ref, one_shot)
+        for r in t[t.budget.isin([0.5, 0.3])].sort_values("budget", ascending=False).itertuples():
+            none = pd.isna(r.best_baseline)
+            lines.append(f"| {ref} | {budgets} {r.budget:g} | {r.latency:.3f} ({r.latency_max:.3f}) | "
+                         f"{r.top1:.2f} ± {r.top1_sd:.2f} ({r.seeds}) | "
+                         f"{'none reaches it' if none else f'{r.best_baseline} {r.baseline_top1:.2f}'} | "
+                         f"{'-' if none else f'{r.gap:+.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
