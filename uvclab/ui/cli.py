@@ -125,13 +125,13 @@ def cmd_latency_table(args) -> None:
               f"{c['block_ms']:+.3f} ms")
     print(f"  model   fixed {t.fixed_ms:.3f} ms; dense predicted {t.predicted_dense_ms(k['depth']):.2f} ms, "
           f"measured {t.dense_ms:.2f} ms")
-    from uvclab.uvc.settings import DIMS_MIN_TIME_PER_MAC
+    from uvclab.uvc import UVCSettings, resolve_prune_dims
     from uvclab.vit.macs import vit_shape
-    per = t.time_per_mac(vit_shape(model))
-    ratio = per["dims"] / max(per["heads"], per["neurons"], 1e-12)
+    _, d = resolve_prune_dims(UVCSettings(prune_dims="auto"), t, vit_shape(model), "compact")
+    per = d["time_per_mac"]
     print(f"  per MAC a block's time saved by cutting v dims {per['dims']:.2f}, a head {per['heads']:.2f}, MLP "
-          f"neurons {per['neurons']:.2f}: uvc.prune_dims: auto {'prunes' if ratio >= DIMS_MIN_TIME_PER_MAC else 'keeps whole'}"
-          f" v dims (their ratio {ratio:.2f} vs threshold {DIMS_MIN_TIME_PER_MAC})")
+          f"neurons {per['neurons']:.2f}: uvc.prune_dims: auto {'prunes' if d['prune_dims'] else 'keeps whole'} v "
+          f"dims (their ratio {d['dims_vs_other_cuts']:.2f} vs threshold {d['threshold']})")
 
 
 def cmd_compress(args) -> None:
