@@ -94,8 +94,6 @@ def fashion_mnist(a) -> pd.DataFrame:
             method, rest = f.name.rsplit("_b", 1)
             if method in a.methods and (f / "model").exists():
                 folders[("macs" if method == "uvc" else method) + "_b" + rest] = f
-    for extra in a.extra_runs:  # other runs of the same protocol (e.g. a latency-budget variant): <kind>_b<B>_s<S>
-        folders.update({f.name: f for f in sorted(Path(extra).glob("*_b*_s[0-9]")) if (f / "model").exists()})
     teacher = load_teacher(ROOT / "data" / "teachers" / "fashion_mnist_vit.json")
     torch.set_num_threads(1)
     table = latency_table(teacher, 64, 1)
@@ -200,8 +198,6 @@ def main(argv=None) -> int:
                    "depth,uniform,uniform_lstsq,uvc_no_dims", help="fm: which of the --macs-runs methods join the timing")
     p.add_argument("--latency-r", action="store_true", help="fm: also the latency budgets with "
                    "uvc.search_resource=latency (kind uvc_latencyR)")
-    p.add_argument("--extra-runs", action="append", default=[], metavar="DIR",
-                   help="fm: more run folders of the same protocol to time alongside (<kind>_b<B>_s<S>)")
     p.add_argument("--macs-budgets", default="", help="MACs budgets run here (comma-separated)")
     p.add_argument("--rounds", type=int, default=21, help="fm: timing rounds (alternating order, median)")
     p.add_argument("--seeds", default="0,1,2", help="fm: seeds of the runs made here (comma-separated)")
